@@ -1,0 +1,1 @@
+"""OCI distribution: references, manifests, and the content stores bytes are read from."""

@@ -1,0 +1,49 @@
+"""The seam every byte of OCI content comes through.
+
+A :class:`ContentStore` serves one registry host's content, from the registry itself, a
+mirror endpoint or an OCI image layout directory. Implementations verify every digest they
+are asked for; callers never see unverified bytes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from cocoonplan.model import Digest, Model
+from cocoonplan.oci.manifest import Descriptor
+
+
+class RawManifest(Model):
+    """A manifest or index exactly as served, with the digest of those bytes."""
+
+    digest: Digest
+    """sha256 of ``content``; when asked for by digest, equal to what was asked."""
+    media_type: str
+    """The manifest's own ``mediaType``, else the Content-Type it was served with."""
+    content: bytes
+    """The exact bytes; the digest is computed from these, never from a re-serialisation."""
+
+
+class ContentStore(Protocol):
+    """Read access to the manifests and blobs of one registry host."""
+
+    def describe(self) -> str:
+        """Say where bytes come from, for messages (``registry https://ghcr.io``)."""
+        ...
+
+    def get_manifest(self, repository: str, selector: str) -> RawManifest:
+        """Fetch a manifest or index by tag or digest.
+
+        Raises NotFoundError when it does not exist, DigestMismatchError when asked by
+        digest and the bytes hash otherwise, RegistryError when the source cannot be read.
+        """
+        ...
+
+    def get_blob(self, repository: str, descriptor: Descriptor) -> bytes:
+        """Return a small blob's bytes, verified against the descriptor's digest and size."""
+        ...
+
+    def download_blob(self, repository: str, descriptor: Descriptor, dest: Path) -> None:
+        """Stream a blob to ``dest``, verifying digest and size; ``dest`` appears only when verified."""
+        ...

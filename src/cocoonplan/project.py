@@ -1,0 +1,90 @@
+"""The project file, ``cocoonplan.yaml``: where bytes come from and where nodes keep state.
+
+Specs name canonical references (``ghcr.io/org/repo:tag``); only this file says whether
+those bytes are read from the registry itself, a mirror endpoint or an OCI image layout
+directory, and where each node's cocoon state is found.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from cocoonplan.model import Model
+
+PROJECT_FILE = "cocoonplan.yaml"
+LOCK_FILE = "cocoonplan.lock"
+API_VERSION = "cocoonplan/v1alpha1"
+
+
+class RegistrySource(Model):
+    """Where one registry host's content is read from; with neither field, the registry itself."""
+
+    layout: str | None = None
+    """An OCI image layout directory, relative to the project file."""
+    mirror: str | None = None
+    """Another registry endpoint (``http://127.0.0.1:5000``) serving the same repositories."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RegistrySource:
+        if self.layout is not None and self.mirror is not None:
+            raise ValueError("give either layout or mirror, not both")
+        return self
+
+
+class NodeConfig(Model):
+    """One cocoon node: its settings and where its state can be read from here."""
+
+    root_dir: str = Field(default="/var/lib/cocoon", alias="rootDir")
+    """cocoon's ``--root-dir`` on the node; every planned path lies under it."""
+    run_dir: str | None = Field(default=None, alias="runDir")
+    """cocoon's ``--run-dir``; defaults to ``<rootDir>/run``."""
+    state: str | None = None
+    """Where to read the node's state from here: a cocoon root directory or an exported
+    state document (relative to the project file). Without it the node is taken as empty."""
+    cpus: int = Field(default=2, ge=1)
+    """Host CPU count: cocoon launches with ``--cpus max=<host CPUs>`` and pins queues by it."""
+    hugepages: bool = False
+    """Whether ``/proc/sys/vm/nr_hugepages`` is above 0 on the node (adds ``hugepages=on``)."""
+    dns: tuple[str, ...] = ("8.8.8.8", "1.1.1.1")
+    """cocoon's ``--dns`` setting; the first two go into static ``ip=`` kernel parameters."""
+
+    model_config = Model.model_config | {"populate_by_name": True}
+
+    @property
+    def effective_run_dir(self) -> str:
+        """cocoon's run dir on the node."""
+        return self.run_dir or f"{self.root_dir.rstrip('/')}/run"
+
+
+class Project(Model):
+    """The parsed ``cocoonplan.yaml``."""
+
+    api_version: Literal["cocoonplan/v1alpha1"] = Field(default=API_VERSION, alias="apiVersion")
+    kind: Literal["Project"] = "Project"
+    registries: dict[str, RegistrySource] = Field(default_factory=dict)
+    """Registry host → where its content is read from; unlisted hosts are read from themselves."""
+    insecure: tuple[str, ...] = ()
+    """Registry hosts reached over plain HTTP; loopback hosts always are."""
+    nodes: dict[str, NodeConfig] = Field(default_factory=dict)
+    """Node name → node settings; a spec's ``node`` must name one of these."""
+    cache: str = ".cocoonplan/cache"
+    """Digest-addressed cache of manifests and blobs, relative to the project file."""
+
+    model_config = Model.model_config | {"populate_by_name": True}
+
+
+class ProjectContext(Model):
+    """A project file together with the directory its relative paths are resolved against."""
+
+    project: Project
+    directory: Path
+    """The directory holding ``cocoonplan.yaml`` (or the working directory without one)."""
+    file: Path | None
+    """The project file, when one was found."""
+
+    def resolve(self, relative: str) -> Path:
+        """Resolve a path written in the project file."""
+        return (self.directory / relative).resolve()
