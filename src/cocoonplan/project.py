@@ -62,7 +62,7 @@ class NodeConfig(Model):
 class Project(Model):
     """The parsed ``cocoonplan.yaml``."""
 
-    api_version: Literal["cocoonplan/v1alpha1"] = Field(default=API_VERSION, alias="apiVersion")
+    api_version: Literal["cocoonplan/v1alpha1"] = Field(default="cocoonplan/v1alpha1", alias="apiVersion")
     kind: Literal["Project"] = "Project"
     registries: dict[str, RegistrySource] = Field(default_factory=dict)
     """Registry host → where its content is read from; unlisted hosts are read from themselves."""

@@ -1,0 +1,5 @@
+"""``python -m cocoonplan``."""
+
+from cocoonplan.cli import main
+
+main()

@@ -1,0 +1,168 @@
+"""The ``cocoonplan`` command line: parse arguments, call :mod:`cocoonplan.api`, render, exit.
+
+Exit codes: 0 success (no changes), 1 error, 2 changes present (with ``--detailed-exitcode``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cocoonplan import __version__, api
+from cocoonplan.errors import CocoonplanError
+from cocoonplan.gitops import differences, write_tree
+from cocoonplan.planfile import read_plan, write_plan
+from cocoonplan.planner.model import Plan
+from cocoonplan.render import plan_document, render_human, render_json, render_markdown
+
+app = typer.Typer(
+    name="cocoonplan",
+    help="Plan cocoon microVMs from YAML specs: digest-pinned layers, disks and Cloud Hypervisor config.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+Paths = Annotated[list[Path], typer.Argument(help="Spec files or directories (searched for *.yaml/*.yml).")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print the versioned JSON plan document.")]
+AsMarkdown = Annotated[bool, typer.Option("--markdown", help="Print a Markdown pull-request comment.")]
+
+
+def _environment() -> api.Environment:
+    return api.Environment(env=dict(os.environ), cwd=Path.cwd())
+
+
+def _fail(exc: CocoonplanError) -> typer.Exit:
+    typer.echo(f"Error: {exc.render()}", err=True)
+    return typer.Exit(1)
+
+
+def _print_plan(plan: Plan, as_json: bool, as_markdown: bool) -> None:
+    document = plan_document(plan)
+    if as_json:
+        sys.stdout.write(render_json(document))
+    elif as_markdown:
+        sys.stdout.write(render_markdown(document))
+    else:
+        sys.stdout.write(render_human(document))
+
+
+def _exit_code(plan: Plan, detailed: bool) -> int:
+    if plan.errors:
+        return 1
+    return 2 if detailed and plan.has_changes else 0
+
+
+@app.command()
+def validate(paths: Paths) -> None:
+    """Check specs and the project file offline; print one line per VM."""
+    try:
+        specs = api.validate(paths, _environment())
+    except CocoonplanError as exc:
+        raise _fail(exc) from exc
+    for item in specs:
+        body = item.spec.spec
+        typer.echo(
+            f"ok  {item.file}:{item.line}  {item.spec.name} on {body.node}: {body.snapshot or body.image}"
+        )
+    typer.echo(f"{len(specs)} VM spec{'' if len(specs) == 1 else 's'} valid.")
+
+
+@app.command()
+def plan(
+    paths: Paths,
+    as_json: AsJson = False,
+    as_markdown: AsMarkdown = False,
+    out: Annotated[Path | None, typer.Option("--out", help="Write the plan document to this file.")] = None,
+    detailed_exitcode: Annotated[
+        bool, typer.Option("--detailed-exitcode", help="Exit 0 without changes, 1 on error, 2 with changes.")
+    ] = False,
+    locked: Annotated[
+        bool, typer.Option("--locked", help="Fail when the lock file lacks an entry or a tag moved.")
+    ] = False,
+) -> None:
+    """Resolve specs and show what would change, Terraform style."""
+    try:
+        result = api.plan(paths, _environment(), locked=locked)
+    except CocoonplanError as exc:
+        raise _fail(exc) from exc
+    _print_plan(result, as_json, as_markdown)
+    if out is not None and not result.errors:
+        write_plan(result, out)
+    raise typer.Exit(_exit_code(result, detailed_exitcode))
+
+
+@app.command()
+def show(
+    planfile: Annotated[Path, typer.Argument(help="A plan written by `cocoonplan plan --out`.")],
+    as_json: AsJson = False,
+    as_markdown: AsMarkdown = False,
+) -> None:
+    """Print a saved plan."""
+    try:
+        saved = read_plan(planfile)
+    except CocoonplanError as exc:
+        raise _fail(exc) from exc
+    _print_plan(saved, as_json, as_markdown)
+
+
+@app.command()
+def lock(
+    paths: Paths,
+    update: Annotated[
+        bool, typer.Option("--update", help="Re-resolve every tag, taking moved tags.")
+    ] = False,
+) -> None:
+    """Resolve every reference once and write cocoonplan.lock beside the project file."""
+    try:
+        result = api.lock(paths, _environment(), update=update)
+    except CocoonplanError as exc:
+        raise _fail(exc) from exc
+    for change in result.changes:
+        typer.echo(
+            f"{'~' if change.before else '+'} {change.ref}: {change.before or '(new)'} → {change.after}"
+        )
+    for original in result.removed:
+        typer.echo(f"- {original}: no spec references it")
+    typer.echo(f"{result.path.name} {'written' if result.written else 'unchanged'}.")
+
+
+@app.command()
+def render(
+    paths: Paths,
+    directory: Annotated[Path, typer.Option("--dir", help="Directory to write <node>/<vm>/ files under.")],
+    check: Annotated[
+        bool, typer.Option("--check", help="Write nothing; exit 1 when committed files differ.")
+    ] = False,
+) -> None:
+    """Write each VM's config.json, disks.json and launch line for a GitOps repo."""
+    try:
+        result = api.plan(paths, _environment())
+    except CocoonplanError as exc:
+        raise _fail(exc) from exc
+    if result.errors:
+        sys.stdout.write(render_human(plan_document(result)))
+        raise typer.Exit(1)
+    changed = differences(result, directory) if check else write_tree(result, directory)
+    for line in changed:
+        typer.echo(line)
+    if check and changed:
+        typer.echo(
+            f"{len(changed)} rendered file(s) differ; run `cocoonplan render --dir {directory}`.", err=True
+        )
+        raise typer.Exit(1)
+
+
+@app.command()
+def version() -> None:
+    """Print the cocoonplan version."""
+    typer.echo(__version__)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

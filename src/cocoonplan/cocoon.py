@@ -1,0 +1,145 @@
+"""cocoon's own on-disk and registry formats, as read by cocoonplan.
+
+These mirror cocoon v0.3.8 (``types/storage.go``, the snapshot sidecar ``cocoon.json``,
+epoch's snapshot config blob). They ignore unknown keys on purpose: they describe files
+written by other programs, whose later versions add fields (cocoon's later ``SnapshotMeta``
+carries ``cpu`` and ``memory``); cocoonplan's own documents stay ``extra="forbid"``.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+BLOB_PATH = re.compile(r"^(?P<root>/.*)/oci/blobs/(?P<hex>[0-9a-f]{64})\.erofs$")
+BOOT_PATH = re.compile(r"^(?P<root>/.*)/oci/boot/(?P<hex>[0-9a-f]{64})/(?P<file>vmlinuz|initrd\.img)$")
+COW_SERIAL = "cocoon-cow"
+DEFAULT_QUEUE_SIZE = 512
+
+
+class DiskRole(StrEnum):
+    """A disk's role in cocoon's StorageConfig; values are the wire strings."""
+
+    LAYER = "layer"
+    COW = "cow"
+    DATA = "data"
+    CIDATA = "cidata"
+
+
+class Wire(BaseModel):
+    """Base of foreign formats: frozen, unknown keys ignored (see module docstring)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+
+class StorageConfig(Wire):
+    """One disk in cocoon's order: the unit of ``cocoon.json``, vms.json and the plan."""
+
+    path: str
+    ro: bool
+    serial: str
+    role: DiskRole
+    mount_point: str | None = None
+    fstype: str | None = None
+    direct_io: bool | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        """Serialise as cocoon does: empty optional keys omitted, struct key order."""
+        out: dict[str, Any] = {
+            "path": self.path,
+            "ro": self.ro,
+            "serial": self.serial,
+            "role": self.role.value,
+        }
+        if self.mount_point:
+            out["mount_point"] = self.mount_point
+        if self.fstype:
+            out["fstype"] = self.fstype
+        if self.direct_io is not None:
+            out["direct_io"] = self.direct_io
+        return out
+
+
+class BootConfig(Wire):
+    """cocoon's BootConfig; every field is omitted on the wire when empty."""
+
+    kernel_path: str | None = None
+    initrd_path: str | None = None
+    cmdline: str | None = None
+    firmware_path: str | None = None
+
+
+class SnapshotMeta(Wire):
+    """A snapshot's ``cocoon.json`` sidecar: the disk list the clone will use, verbatim."""
+
+    storage_configs: tuple[StorageConfig, ...]
+    boot_config: BootConfig | None = None
+
+
+class SnapshotFile(Wire):
+    """One ``files`` entry of a snapshot config blob."""
+
+    mode: int | None = None
+    sparse_map: str | None = Field(default=None, alias="sparseMap")
+    sparse_size: int | None = Field(default=None, alias="sparseSize")
+    size: int | None = None
+
+
+class SnapshotConfig(Wire):
+    """The snapshot artifact's config blob (epoch ``manifest.SnapshotConfig``, camelCase)."""
+
+    schema_version: str = Field(alias="schemaVersion")
+    snapshot_id: str | None = Field(default=None, alias="snapshotId")
+    description: str | None = None
+    image: str | None = None
+    image_digest: str | None = Field(default=None, alias="imageDigest")
+    image_type: str | None = Field(default=None, alias="imageType")
+    image_blob_ids: frozenset[str] = Field(default=frozenset(), alias="imageBlobIds")
+    """A set of layer hexes, never an order: epoch writes ``{hex: {}}``, others a sorted array."""
+    hypervisor: str | None = None
+    cpu: int = 0
+    memory: int = 0
+    storage: int = 0
+    nics: int = 0
+    network: str | None = None
+    windows: bool = False
+    files: dict[str, SnapshotFile] = Field(default_factory=dict)
+    created_at: str | None = Field(default=None, alias="createdAt")
+
+    @field_validator("image_blob_ids", mode="before")
+    @classmethod
+    def _accept_object_or_array(cls, value: object) -> object:
+        # epoch v0.3.8 writes a JSON object used as a set; the registry quoted in cocoon
+        # issue #46 holds a sorted array. Both mean the same set.
+        if isinstance(value, dict):
+            return frozenset(value)
+        return value
+
+
+def layer_hex(config: StorageConfig) -> str | None:
+    """The OCI layer digest hex a layer disk's path names, or None if it is not a blob path."""
+    match = BLOB_PATH.match(config.path)
+    return match.group("hex") if match else None
+
+
+def blob_path(root_dir: str, digest_hex: str) -> str:
+    """Where cocoon keeps the EROFS conversion of an OCI layer."""
+    return f"{root_dir.rstrip('/')}/oci/blobs/{digest_hex}.erofs"
+
+
+def boot_path(root_dir: str, digest_hex: str, file: str) -> str:
+    """Where cocoon keeps a boot file (``vmlinuz``, ``initrd.img``) extracted from a layer."""
+    return f"{root_dir.rstrip('/')}/oci/boot/{digest_hex}/{file}"
+
+
+def vm_run_dir(run_dir: str, vm_id: str) -> str:
+    """A VM's run directory."""
+    return f"{run_dir.rstrip('/')}/cloudhypervisor/{vm_id}"
+
+
+def layer_serial(index: int) -> str:
+    """The virtio serial of base layer ``index`` (0 = bottom)."""
+    return f"cocoon-layer{index}"

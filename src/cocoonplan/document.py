@@ -1,0 +1,123 @@
+"""YAML documents that remember where each value was written.
+
+Every user-authored file (VM specs, the project file) is loaded through here so that a
+validation error can name ``file:line:column`` of the offending key, not just its path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from cocoonplan.errors import SpecError
+
+Location = tuple[int, int]
+"""1-based (line, column)."""
+
+
+@dataclass(frozen=True)
+class LocatedDocument:
+    """One YAML document: its data, and the location of every mapping key and item."""
+
+    file: str
+    data: Any
+    start: Location
+    marks: dict[tuple[str | int, ...], Location] = field(default_factory=dict)
+
+    def locate(self, path: tuple[str | int, ...]) -> Location:
+        """Return where ``path`` was written, or its nearest written ancestor."""
+        for end in range(len(path), 0, -1):
+            found = self.marks.get(path[:end])
+            if found is not None:
+                return found
+        return self.start
+
+    def error(self, path: tuple[str | int, ...], summary: str, hint: str = "") -> SpecError:
+        """Build a :class:`SpecError` pointing at ``path`` in this document."""
+        line, column = self.locate(path)
+        return SpecError(summary, file=self.file, line=line, column=column, hint=hint)
+
+    def validation_error(self, exc: ValidationError, hint: str = "") -> SpecError:
+        """Turn pydantic's errors into one SpecError located at the first, listing the rest."""
+        problems = []
+        for item in exc.errors(include_url=False):
+            path = tuple(p for p in item["loc"] if isinstance(p, str | int))
+            line, column = self.locate(path)
+            where = ".".join(str(p) for p in path) or "(document)"
+            message = item["msg"].removeprefix("Value error, ")
+            if item["type"] == "extra_forbidden":
+                message = "unknown field"
+            problems.append((line, column, f"{where}: {message}"))
+        problems.sort()
+        line, column, first = problems[0]
+        detail = "\n".join(f"  {self.file}:{ln}:{col}: {msg}" for ln, col, msg in problems[1:])
+        return SpecError(first, file=self.file, line=line, column=column, detail=detail, hint=hint)
+
+
+def _mark(node: yaml.Node) -> Location:
+    return node.start_mark.line + 1, node.start_mark.column + 1
+
+
+def _convert(
+    loader: yaml.SafeLoader,
+    node: yaml.Node,
+    path: tuple[str | int, ...],
+    marks: dict[tuple[str | int, ...], Location],
+    file: str,
+) -> Any:
+    marks.setdefault(path, _mark(node))
+    if isinstance(node, yaml.MappingNode):
+        loader.flatten_mapping(node)
+        result: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            if not isinstance(key, str | int):
+                line, column = _mark(key_node)
+                raise SpecError("mapping keys must be strings", file=file, line=line, column=column)
+            if key in result:
+                line, column = _mark(key_node)
+                raise SpecError(f"duplicate key {key!r}", file=file, line=line, column=column)
+            marks[(*path, key)] = _mark(key_node)
+            result[key] = _convert(loader, value_node, (*path, key), marks, file)
+        return result
+    if isinstance(node, yaml.SequenceNode):
+        return [_convert(loader, item, (*path, i), marks, file) for i, item in enumerate(node.value)]
+    return loader.construct_object(node, deep=True)
+
+
+def parse_documents(text: str, file: str) -> Iterator[LocatedDocument]:
+    """Yield each non-empty YAML document of ``text``; ``file`` names it in errors."""
+    loader = yaml.SafeLoader(text)
+    try:
+        while loader.check_node():
+            node = loader.get_node()
+            if node is None:
+                continue
+            marks: dict[tuple[str | int, ...], Location] = {}
+            data = _convert(loader, node, (), marks, file)
+            if data is not None:
+                yield LocatedDocument(file=file, data=data, start=_mark(node), marks=marks)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line, column = (mark.line + 1, mark.column + 1) if mark else (None, None)
+        raise SpecError(
+            f"malformed YAML: {exc.problem or exc.context}", file=file, line=line, column=column
+        ) from exc
+    except yaml.YAMLError as exc:
+        raise SpecError(f"malformed YAML: {exc}", file=file) from exc
+    finally:
+        loader.dispose()
+
+
+def read_documents(path: Path, display: str) -> list[LocatedDocument]:
+    """Read and parse a YAML file; ``display`` is the (relative) name used in messages."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"cannot read file: {exc}", file=display) from exc
+    return list(parse_documents(text, display))

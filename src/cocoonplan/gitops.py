@@ -1,0 +1,65 @@
+"""``render --dir``: each VM's config.json, disk list and launch line as files for a GitOps repo."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cocoonplan.planner.model import Plan, VMPlan
+
+RENDERED_FILES = ("config.json", "disks.json", "launch")
+
+
+def rendered_files(vm: VMPlan) -> dict[str, str]:
+    """The files rendered for one VM, by name: pretty JSON (key order kept) and the launch line.
+
+    config.json keeps cocoon's key order; it is indented so that reviews diff field by field.
+    """
+    disks = [d.model_dump(mode="json") for d in vm.disks]
+    return {
+        "config.json": json.dumps(vm.config, indent=2, ensure_ascii=False) + "\n",
+        "disks.json": json.dumps(disks, indent=2) + "\n",
+        "launch": vm.launch + "\n",
+    }
+
+
+def render_tree(plan: Plan) -> dict[str, str]:
+    """Every rendered file of the plan, keyed by ``<node>/<vm>/<file>``."""
+    return {
+        f"{vm.node}/{vm.name}/{name}": text for vm in plan.vms for name, text in rendered_files(vm).items()
+    }
+
+
+def existing_tree(directory: Path) -> dict[str, str]:
+    """The rendered files already under ``directory``."""
+    if not directory.is_dir():
+        return {}
+    return {
+        p.relative_to(directory).as_posix(): p.read_text()
+        for p in directory.glob("*/*/*")
+        if p.is_file() and p.name in RENDERED_FILES
+    }
+
+
+def differences(plan: Plan, directory: Path) -> list[str]:
+    """Paths whose committed content differs from the plan: changed, missing or stale."""
+    wanted = render_tree(plan)
+    have = existing_tree(directory)
+    return sorted(
+        [f"changed: {p}" for p in wanted if p in have and have[p] != wanted[p]]
+        + [f"missing: {p}" for p in wanted if p not in have]
+        + [f"stale:   {p}" for p in have if p not in wanted]
+    )
+
+
+def write_tree(plan: Plan, directory: Path) -> list[str]:
+    """Write the rendered files and remove stale ones; returns the paths that changed."""
+    changed = differences(plan, directory)
+    for path, text in render_tree(plan).items():
+        target = directory / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists() or target.read_text() != text:
+            target.write_text(text)
+    for path in set(existing_tree(directory)) - set(render_tree(plan)):
+        (directory / path).unlink()
+    return changed

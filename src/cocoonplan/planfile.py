@@ -1,0 +1,39 @@
+"""Saved plans: written by ``plan --out``, read back by ``show`` (and, later, ``apply``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from cocoonplan.errors import PlanFormatError
+from cocoonplan.planner.model import FORMAT_VERSION, Plan
+from cocoonplan.render.document import plan_document, render_json
+
+
+def write_plan(plan: Plan, path: Path) -> None:
+    """Write the plan document; the file is replaced only once fully written."""
+    temp = path.with_name(path.name + ".tmp")
+    temp.write_text(render_json(plan_document(plan)))
+    temp.replace(path)
+
+
+def read_plan(path: Path) -> Plan:
+    """Read a plan document, refusing other format versions and malformed files."""
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise PlanFormatError(
+            f"{path}: cannot read the plan file: {exc}", hint="write one with `cocoonplan plan --out FILE`"
+        ) from exc
+    version = data.get("format_version") if isinstance(data, dict) else None
+    if version != FORMAT_VERSION:
+        raise PlanFormatError(
+            f"{path}: plan format_version {version!r}, this cocoonplan reads {FORMAT_VERSION}",
+            hint="re-run `cocoonplan plan --out` with this version",
+        )
+    try:
+        return Plan.model_validate(data)
+    except ValidationError as exc:
+        raise PlanFormatError(f"{path}: not a valid plan document", detail=str(exc)) from exc

@@ -1,0 +1,319 @@
+"""Cloud Hypervisor artefacts cocoon produces: kernel cmdline, launch command, config.json.
+
+Everything here is a pure function of its arguments and follows cocoon v0.3.8
+(``buildCmdline``, ``buildCLIArgs``, ``storageConfigToDisk``, ``patchCHConfig``); the
+reference is ``shared/reference/cocoon-formats.md`` §5.5, §5.7 and §8.6. ``config.json`` is
+built as data and never templated.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cocoonplan.cocoon import COW_SERIAL, DEFAULT_QUEUE_SIZE, StorageConfig, layer_serial
+from cocoonplan.units import MIB
+
+CH_BINARY = "cloud-hypervisor"
+BALLOON_MIN_MEMORY = 256 * MIB
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """The VM settings that shape disks, NICs and the launch line."""
+
+    cpu: int
+    memory: int
+    host_cpus: int
+    queue_size: int = DEFAULT_QUEUE_SIZE
+    disk_queue_size: int = DEFAULT_QUEUE_SIZE
+    no_direct_io: bool = False
+    hugepages: bool = False
+    windows: bool = False
+
+
+@dataclass(frozen=True)
+class Nic:
+    """A NIC as cocoon's network backend hands it to the hypervisor."""
+
+    tap: str
+    mac: str
+
+
+def build_cmdline(layer_count: int, vm_name: str, nic_count: int) -> str:
+    """The guest kernel command line cocoon builds; ``cocoon.layers`` lists the top layer first.
+
+    NICs from CNI/DHCP carry no ``ip=`` parameter: their addresses are assigned by the
+    network backend when the VM is created, outside the plan.
+    """
+    layers = ",".join(layer_serial(j) for j in reversed(range(layer_count)))
+    parts = [
+        "console=hvc0 loglevel=3 boot=cocoon-overlay",
+        f"cocoon.layers={layers}",
+        f"cocoon.cow={COW_SERIAL}",
+        "clocksource=kvm-clock rw",
+    ]
+    if nic_count > 0:
+        parts.append(f"net.ifnames=0 cocoon.hostname={vm_name}")
+    return " ".join(parts)
+
+
+def is_direct(disk: StorageConfig, no_direct_io: bool) -> bool:
+    """cocoon's O_DIRECT rule: the disk's override, else writable disks unless noDirectIO."""
+    if disk.direct_io is not None:
+        return disk.direct_io
+    return not disk.ro and not no_direct_io
+
+
+def _is_qcow2(path: str) -> bool:
+    return path.endswith(".qcow2")
+
+
+def _affinity(cpu: int) -> list[dict[str, Any]]:
+    return [{"queue_index": i, "host_cpus": [i]} for i in range(cpu)]
+
+
+def disk_argument(disk: StorageConfig, tuning: Tuning) -> str:
+    """One ``--disk`` value, keys in cocoon's order (``storageConfigToDisk``)."""
+    parts = [f"path={disk.path}"]
+    if disk.ro:
+        parts.append("readonly=on")
+    if is_direct(disk, tuning.no_direct_io):
+        parts.append("direct=on")
+    qcow2 = _is_qcow2(disk.path)
+    if not disk.ro and not qcow2:
+        parts.append("sparse=on")
+    parts.append(f"image_type={'qcow2' if qcow2 else 'raw'}")
+    if not disk.ro and qcow2:
+        parts.append("backing_files=on")
+    parts += [f"num_queues={tuning.cpu}", f"queue_size={tuning.disk_queue_size}"]
+    if not disk.ro and tuning.cpu > 1:
+        parts.append("queue_affinity=[" + ",".join(f"{i}@[{i}]" for i in range(tuning.cpu)) + "]")
+    parts.append(f"serial={disk.serial}")
+    return ",".join(parts)
+
+
+def net_queues(cpu: int) -> int:
+    """virtio-net queue count cocoon asks for: two per vCPU, at least two."""
+    return max(2, 2 * cpu)
+
+
+def balloon_size(memory: int, windows: bool) -> int | None:
+    """Balloon size cocoon configures, or None when it adds no balloon."""
+    if windows or memory < BALLOON_MIN_MEMORY:
+        return None
+    return memory // 4
+
+
+def launch_command(
+    *,
+    api_socket: str,
+    disks: Sequence[StorageConfig],
+    nics: Sequence[Nic],
+    kernel: str,
+    initrd: str,
+    cmdline: str,
+    tuning: Tuning,
+) -> str:
+    """The line cocoon writes to ``<run>/cmdline`` for a fresh direct-boot run (§5.7)."""
+    cpus = f"boot={tuning.cpu},max={tuning.host_cpus}" + (",kvm_hyperv=on" if tuning.windows else "")
+    memory = f"size={tuning.memory}" + (",hugepages=on" if tuning.hugepages else "")
+    args = [CH_BINARY, "--api-socket", api_socket, "--cpus", cpus, "--memory", memory]
+    if disks:
+        args += ["--disk", *(disk_argument(d, tuning) for d in disks)]
+    args += ["--kernel", kernel, "--initramfs", initrd, "--cmdline", cmdline]
+    if nics:
+        args.append("--net")
+        args += [
+            f"tap={n.tap},mac={n.mac},num_queues={net_queues(tuning.cpu)},queue_size={tuning.queue_size},"
+            "offload_tso=on,offload_ufo=on,offload_csum=on"
+            for n in nics
+        ]
+    args += ["--rng", "src=/dev/urandom", "--watchdog"]
+    balloon = balloon_size(tuning.memory, tuning.windows)
+    if balloon is not None:
+        args += ["--balloon", f"size={balloon},deflate_on_oom=on,free_page_reporting=on"]
+    args += ["--serial", "off", "--console", "pty"]
+    return " ".join(args)
+
+
+def clone_launch_command(api_socket: str) -> str:
+    """A clone starts with the API socket only, then ``vm.restore`` (§8.7)."""
+    return f"{CH_BINARY} --api-socket {api_socket}"
+
+
+def _disk_config(index: int, disk: StorageConfig, tuning: Tuning) -> dict[str, Any]:
+    qcow2 = _is_qcow2(disk.path)
+    return {
+        "backing_files": not disk.ro and qcow2,
+        "direct": is_direct(disk, tuning.no_direct_io),
+        "disable_aio": False,
+        "disable_io_uring": False,
+        "id": f"_disk{index}",
+        "image_type": "Qcow2" if qcow2 else "Raw",
+        "iommu": False,
+        "num_queues": tuning.cpu,
+        "path": disk.path,
+        "pci_segment": 0,
+        "queue_affinity": _affinity(tuning.cpu) if not disk.ro and tuning.cpu > 1 else None,
+        "queue_size": tuning.disk_queue_size,
+        "rate_limit_group": None,
+        "rate_limiter_config": None,
+        "readonly": disk.ro,
+        "serial": disk.serial,
+        "sparse": True,
+        "vhost_socket": None,
+        "vhost_user": False,
+    }
+
+
+def _net_config(device: int, nic: Nic, tuning: Tuning) -> dict[str, Any]:
+    return {
+        "tap": nic.tap,
+        "ip": None,
+        "mask": None,
+        "mac": nic.mac,
+        "host_mac": None,
+        "mtu": None,
+        "iommu": False,
+        "num_queues": net_queues(tuning.cpu),
+        "queue_size": tuning.queue_size,
+        "vhost_user": False,
+        "vhost_socket": None,
+        "vhost_mode": "Client",
+        "id": f"_net{device}",
+        "fds": None,
+        "rate_limiter_config": None,
+        "pci_segment": 0,
+        "offload_tso": True,
+        "offload_ufo": True,
+        "offload_csum": True,
+    }
+
+
+def run_config(
+    *,
+    disks: Sequence[StorageConfig],
+    nics: Sequence[Nic],
+    kernel: str,
+    initrd: str,
+    cmdline: str,
+    tuning: Tuning,
+) -> dict[str, Any]:
+    """The VmConfig Cloud Hypervisor holds after a fresh run's launch command (§5.7).
+
+    cocoon writes no config.json for a fresh run; this is the configuration the launch
+    arguments produce, in the shape CH v51 serialises (values cocoon does not set are CH's
+    defaults, as recorded in a v51 snapshot), with top-level keys sorted as cocoon writes.
+    """
+    balloon = balloon_size(tuning.memory, tuning.windows)
+    return {
+        "balloon": None
+        if balloon is None
+        else {"deflate_on_oom": True, "free_page_reporting": True, "id": None, "size": balloon},
+        "console": {"mode": "Pty"},
+        "cpus": {
+            "affinity": None,
+            "boot_vcpus": tuning.cpu,
+            "features": {"amx": False},
+            "kvm_hyperv": tuning.windows,
+            "max_phys_bits": 46,
+            "max_vcpus": tuning.host_cpus,
+            "nested": True,
+            "topology": None,
+        },
+        "debug_console": {"file": None, "mode": "Off", "iobase": 233},
+        "devices": None,
+        "disks": [_disk_config(i, d, tuning) for i, d in enumerate(disks)],
+        "fs": None,
+        "iommu": False,
+        "landlock_enable": False,
+        "landlock_rules": None,
+        "memory": {
+            "hotplug_method": "Acpi",
+            "hotplug_size": None,
+            "hotplugged_size": None,
+            "hugepage_size": None,
+            "hugepages": tuning.hugepages,
+            "mergeable": False,
+            "prefault": False,
+            "shared": False,
+            "size": tuning.memory,
+            "thp": True,
+            "zones": None,
+        },
+        "net": [_net_config(len(disks) + i, n, tuning) for i, n in enumerate(nics)] or None,
+        "numa": None,
+        "payload": {"firmware": None, "kernel": kernel, "cmdline": cmdline, "initramfs": initrd},
+        "pci_segments": None,
+        "platform": None,
+        "pmem": None,
+        "pvpanic": False,
+        "rate_limit_groups": None,
+        "rng": {"src": "/dev/urandom", "iommu": False},
+        "serial": {"mode": "Off"},
+        "tpm": None,
+        "user_devices": None,
+        "vdpa": None,
+        "vsock": None,
+        "watchdog": True,
+    }
+
+
+def _sorted(value: Any) -> Any:
+    return dict(sorted(value.items())) if isinstance(value, dict) else value
+
+
+def patch_clone_config(
+    source: dict[str, Any], disks: Sequence[StorageConfig], tuning: Tuning, console_socket: str
+) -> dict[str, Any]:
+    """The snapshot's config.json as cocoon's ``patchCHConfig`` rewrites it for a clone (§8.6).
+
+    Only disk paths, disk queue sizes, O_DIRECT, serial/console, boot vCPUs, memory size and
+    the balloon change; every other key is kept as CH wrote it. Key order follows cocoon's
+    writer: top level sorted, and the objects it re-encodes as maps (each disk, ``cpus``,
+    ``memory``, a pre-existing ``balloon``) sorted too.
+    """
+    config = copy.deepcopy(source)
+    source_disks = config.get("disks") or []
+    if len(source_disks) != len(disks):
+        raise ValueError("the device list cannot change on clone")
+    patched_disks = []
+    for entry, disk in zip(source_disks, disks, strict=True):
+        entry = dict(entry)
+        entry["path"] = disk.path
+        entry["queue_size"] = tuning.disk_queue_size
+        entry["direct"] = is_direct(disk, tuning.no_direct_io)
+        patched_disks.append(_sorted(entry))
+    config["disks"] = patched_disks
+    uefi = bool((config.get("payload") or {}).get("firmware"))
+    config["serial"] = {"mode": "Socket", "socket": console_socket} if uefi else {"mode": "Off"}
+    config["console"] = {"mode": "Off"} if uefi else {"mode": "Pty"}
+    if isinstance(config.get("cpus"), dict):
+        config["cpus"] = _sorted({**config["cpus"], "boot_vcpus": tuning.cpu})
+    config["memory"] = _sorted({**(config.get("memory") or {}), "size": tuning.memory})
+    balloon = balloon_size(tuning.memory, tuning.windows)
+    if balloon is None:
+        config.pop("balloon", None)
+    elif isinstance(config.get("balloon"), dict):
+        config["balloon"] = _sorted({**config["balloon"], "size": balloon})
+    else:
+        config["balloon"] = {"size": balloon, "deflate_on_oom": True, "free_page_reporting": True}
+    return dict(sorted(config.items()))
+
+
+def encode_config(config: dict[str, Any]) -> bytes:
+    """Encode config.json as Go's ``json.Marshal`` does: compact, key order kept, HTML-escaped."""
+    text = json.dumps(config, separators=(",", ":"), ensure_ascii=False)
+    for char, escape in (
+        ("<", "\\u003c"),
+        (">", "\\u003e"),
+        ("&", "\\u0026"),
+        ("\u2028", "\\u2028"),
+        ("\u2029", "\\u2029"),
+    ):
+        text = text.replace(char, escape)
+    return text.encode()

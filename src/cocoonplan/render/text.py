@@ -1,0 +1,71 @@
+"""Human and Markdown renders of the plan document, through jinja2 templates."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jinja2
+
+from cocoonplan.model import short_digest
+from cocoonplan.planner.model import SYMBOLS, Action
+from cocoonplan.units import format_size
+
+MARKDOWN_LIMIT = 60_000
+"""GitHub refuses comments over 65,536 characters; stay well below."""
+_ORDER = {Action.DELETE: 0, Action.REPLACE: 1, Action.UPDATE: 2, Action.CREATE: 3, Action.NO_OP: 4}
+_VERBS = {
+    Action.CREATE: "will be created",
+    Action.REPLACE: "must be replaced",
+    Action.UPDATE: "will be updated in place",
+    Action.DELETE: "will be deleted",
+    Action.NO_OP: "is up to date",
+}
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("cocoonplan", "render/templates"),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    env.filters["short"] = lambda d: short_digest(d) if d else "-"
+    env.filters["size"] = format_size
+    env.filters["symbol"] = lambda a: SYMBOLS[Action(a)]
+    env.filters["verb"] = lambda a: _VERBS[Action(a)]
+    return env
+
+
+def _by_severity(document: dict[str, Any]) -> list[dict[str, Any]]:
+    return sorted(document["vms"], key=lambda vm: (_ORDER[Action(vm["action"])], vm["node"], vm["name"]))
+
+
+def render_human(document: dict[str, Any]) -> str:
+    """Terraform-style text: lock changes, one block per VM, errors, then the summary line."""
+    template = _environment().get_template("plan.txt.j2")
+    return template.render(doc=document, vms=_by_severity(document))
+
+
+def render_markdown(document: dict[str, Any], limit: int = MARKDOWN_LIMIT) -> str:
+    """A pull-request comment of at most ``limit`` characters.
+
+    The summary, errors, lock changes and destructive changes come first; VM sections that
+    do not fit are left out and the cut is said at the end.
+    """
+    env = _environment()
+    head = env.get_template("plan.md.j2").render(doc=document)
+    section = env.get_template("vm.md.j2")
+    parts = [head]
+    used = len(head)
+    vms = _by_severity(document)
+    for shown, vm in enumerate(vms):
+        text = section.render(vm=vm)
+        note = f"\n_{len(vms) - shown} more VMs not shown: the comment would exceed {limit} characters; see `cocoonplan show`._\n"
+        if used + len(text) + len(note) > limit:
+            parts.append(note)
+            break
+        parts.append(text)
+        used += len(text)
+    return "".join(parts)

@@ -1,0 +1,1 @@
+"""Resolvers: all the I/O that turns specs into resolved, digest-pinned inputs for the planner."""

@@ -1,0 +1,65 @@
+"""Tags to digests, through the lock file: each tag is resolved once and pinned.
+
+A reference written with a digest needs no lookup. A tag takes its digest from the lock;
+the tag is still looked up so that a tag that moved since it was locked shows as a lock
+change (old → new) instead of being taken silently. ``locked`` mode (for CI) refuses a
+missing entry or a moved tag; ``update`` mode takes the current digest of every tag.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cocoonplan.errors import LockError
+from cocoonplan.lock import LockFile
+from cocoonplan.oci.reference import parse_reference
+from cocoonplan.planner.model import LockChange
+from cocoonplan.resolved import PinnedRef
+from cocoonplan.resolvers.content import Content
+
+
+@dataclass
+class Pinner:
+    """Pins references for one run; remembers each answer so every tag is resolved once."""
+
+    content: Content
+    lock: LockFile
+    lock_display: str
+    locked: bool = False
+    update: bool = False
+    changes: dict[str, LockChange] = field(default_factory=dict)
+    _pins: dict[str, PinnedRef] = field(default_factory=dict)
+
+    def pin(self, original: str) -> PinnedRef:
+        """The digest ``original`` stands for in this plan."""
+        if original in self._pins:
+            return self._pins[original]
+        ref = parse_reference(original)
+        if ref.digest is not None:
+            pinned = PinnedRef(ref=original, digest=ref.digest)
+        else:
+            pinned = self._pin_tag(original)
+        self._pins[original] = pinned
+        return pinned
+
+    def _pin_tag(self, original: str) -> PinnedRef:
+        entry = self.lock.find(original)
+        current = self.content.manifest(parse_reference(original)).digest
+        if entry is None:
+            if self.locked:
+                raise LockError(
+                    f"{original} is not in {self.lock_display}",
+                    hint="run `cocoonplan lock` and commit the lock file",
+                )
+            self.changes[original] = LockChange(ref=original, before=None, after=current)
+            return PinnedRef(ref=original, digest=current)
+        if entry.locked.digest != current:
+            if self.locked:
+                raise LockError(
+                    f"tag {original} moved since it was locked: {entry.locked.digest} → {current}",
+                    hint="review the new digest, then run `cocoonplan lock --update` and commit the lock file",
+                )
+            self.changes[original] = LockChange(ref=original, before=entry.locked.digest, after=current)
+            if self.update:
+                return PinnedRef(ref=original, digest=current)
+        return PinnedRef(ref=original, digest=entry.locked.digest)

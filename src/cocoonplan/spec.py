@@ -1,0 +1,306 @@
+"""The VM spec: what a user writes in a GitOps repo, validated with file:line:column errors.
+
+Field names follow cocoon's CocoonSet / vk-cocoon vocabulary (``snapshot``, ``image``,
+``backend``, ``cpu``, ``memory``, ``storage``, ``nics``, ``network``, ``noDirectIO``,
+``dataDisks[]{name, size, fstype, mount, directio}``). Values are checked against cocoon's
+own rules (``VMConfig.Validate``, ``normalizeDataDiskSpecs``) so a spec that cocoon would
+refuse never reaches a plan.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BeforeValidator, Field, ValidationError, WithJsonSchema, field_validator, model_validator
+
+from cocoonplan.document import LocatedDocument, read_documents
+from cocoonplan.errors import ReferenceFormatError, SpecError
+from cocoonplan.model import Model
+from cocoonplan.oci.reference import Reference, parse_reference
+from cocoonplan.units import GIB, MIB, parse_size
+
+API_VERSION = "cocoonplan/v1alpha1"
+VM_KIND = "VM"
+MIN_MEMORY = 512 * MIB
+MIN_STORAGE = 10 * GIB
+MIN_DATA_DISK = 16 * MIB
+NAME_PATTERN = r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,62}$"
+DATA_DISK_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,19}$")
+
+Size = Annotated[
+    int,
+    BeforeValidator(parse_size),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "pattern": r"^\d+(\.\d+)? ?[kKmMgGtTpP]?[iI]?[bB]?$"},
+                {"type": "integer", "minimum": 0},
+            ],
+            "description": "bytes, or a number with a binary unit as cocoon reads it (1G = 1073741824)",
+        }
+    ),
+]
+
+
+class Backend(StrEnum):
+    """The hypervisor a VM runs on; values are cocoon's wire strings."""
+
+    CLOUD_HYPERVISOR = "cloud-hypervisor"
+    FIRECRACKER = "firecracker"
+
+
+class FsType(StrEnum):
+    """Filesystem cocoon formats a data disk with; ``none`` leaves it raw."""
+
+    EXT4 = "ext4"
+    NONE = "none"
+
+
+class DirectIO(StrEnum):
+    """cocoon's ``--data-disk directio=``: ``auto`` applies the default rule."""
+
+    ON = "on"
+    OFF = "off"
+    AUTO = "auto"
+
+
+class DataDisk(Model):
+    """A data disk cocoon creates beside the COW disk (``--data-disk``)."""
+
+    name: str
+    """Disk name; also its virtio serial. ``^[a-z][a-z0-9_-]{0,19}$``, not ``cocoon-…``."""
+    size: Size
+    """Size of the sparse disk file; at least 16 MiB."""
+    fstype: FsType = FsType.EXT4
+    """``ext4`` (formatted and mounted) or ``none`` (left raw)."""
+    mount: str | None = None
+    """Guest mount point; defaults to ``/mnt/<name>`` for ext4, must be empty for ``none``."""
+    directio: DirectIO = DirectIO.AUTO
+    """O_DIRECT override for this disk; ``auto`` follows ``noDirectIO``."""
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, name: str) -> str:
+        if not DATA_DISK_NAME.match(name) or name.startswith("cocoon-"):
+            raise ValueError(
+                f"data disk name {name!r} must match ^[a-z][a-z0-9_-]{{0,19}}$ and not start with cocoon-"
+            )
+        return name
+
+    @field_validator("size")
+    @classmethod
+    def _check_size(cls, size: int) -> int:
+        if size < MIN_DATA_DISK:
+            raise ValueError(f"data disk size {size} bytes is below cocoon's minimum of 16M")
+        return size
+
+    @model_validator(mode="after")
+    def _check_mount(self) -> DataDisk:
+        if self.fstype is FsType.NONE and self.mount:
+            raise ValueError("a data disk with fstype none cannot have a mount point")
+        if self.mount and (not self.mount.startswith("/") or "\n" in self.mount or "\0" in self.mount):
+            raise ValueError(f"mount point {self.mount!r} must be an absolute path")
+        return self
+
+    @property
+    def mount_point(self) -> str:
+        """The mount point cocoon records: the given one, else ``/mnt/<name>`` unless ``none``."""
+        if self.mount is not None:
+            return self.mount
+        return "" if self.fstype is FsType.NONE else f"/mnt/{self.name}"
+
+
+class Expectations(Model):
+    """Facts the resolved inputs must match, or the plan fails."""
+
+    base_image: str | None = Field(default=None, alias="baseImage")
+    """The image (by tag or digest) a cloned snapshot must have been baked from."""
+
+    model_config = Model.model_config | {"populate_by_name": True}
+
+    @field_validator("base_image")
+    @classmethod
+    def _check_ref(cls, value: str | None) -> str | None:
+        return _check_reference(value)
+
+
+def _check_reference(value: str | None) -> str | None:
+    if value is not None:
+        try:
+            parse_reference(value)
+        except ReferenceFormatError as exc:
+            raise ValueError(exc.summary) from exc
+    return value
+
+
+class VMSpecBody(Model):
+    """``spec`` of a VM document."""
+
+    snapshot: str | None = None
+    """Clone mode: the hot snapshot artifact to clone, by tag or digest."""
+    image: str | None = None
+    """Run mode: the OCI image to boot, by tag or digest."""
+    node: str
+    """The node (a name from ``cocoonplan.yaml``) the VM runs on."""
+    backend: Backend = Backend.CLOUD_HYPERVISOR
+    """Hypervisor; only ``cloud-hypervisor`` is planned for now."""
+    cpu: int | None = Field(default=None, ge=1)
+    """vCPUs; run default 2, clone default the snapshot's (and never below it)."""
+    memory: Size | None = None
+    """Guest memory; run default 1G, at least 512M; clone default the snapshot's."""
+    storage: Size | None = None
+    """COW disk size; run default 10G, at least 10G; clone default the snapshot's."""
+    nics: int | None = Field(default=None, ge=0)
+    """Number of NICs; run default 1, 0 for none; clone default the snapshot's."""
+    network: str | None = None
+    """cocoon network (CNI conflist) name; empty means cocoon's default."""
+    queue_size: int | None = Field(default=None, alias="queueSize", ge=1)
+    """virtio-net queue size; cocoon's default 512."""
+    disk_queue_size: int | None = Field(default=None, alias="diskQueueSize", ge=1)
+    """virtio-blk queue size; cocoon's default 512."""
+    no_direct_io: bool = Field(default=False, alias="noDirectIO")
+    """Turn O_DIRECT off for writable disks."""
+    data_disks: tuple[DataDisk, ...] = Field(default=(), alias="dataDisks")
+    """Run mode only: extra disks, after the COW disk, in this order."""
+    expect: Expectations | None = None
+    """Optional facts the resolved inputs must match."""
+
+    model_config = Model.model_config | {"populate_by_name": True}
+
+    @field_validator("snapshot", "image")
+    @classmethod
+    def _check_refs(cls, value: str | None) -> str | None:
+        return _check_reference(value)
+
+    @field_validator("backend")
+    @classmethod
+    def _only_cloud_hypervisor(cls, backend: Backend) -> Backend:
+        if backend is Backend.FIRECRACKER:
+            raise ValueError(
+                "backend firecracker is not supported yet: cocoonplan plans Cloud Hypervisor VMs only; "
+                "use backend: cloud-hypervisor"
+            )
+        return backend
+
+    @field_validator("memory")
+    @classmethod
+    def _min_memory(cls, memory: int | None) -> int | None:
+        if memory is not None and memory < MIN_MEMORY:
+            raise ValueError(f"memory {memory} bytes is below cocoon's minimum of 512M")
+        return memory
+
+    @field_validator("storage")
+    @classmethod
+    def _min_storage(cls, storage: int | None) -> int | None:
+        if storage is not None and storage < MIN_STORAGE:
+            raise ValueError(f"storage {storage} bytes is below cocoon's minimum of 10G")
+        return storage
+
+    @model_validator(mode="after")
+    def _one_source(self) -> VMSpecBody:
+        if (self.snapshot is None) == (self.image is None):
+            raise ValueError("give exactly one of snapshot (clone mode) or image (run mode)")
+        if self.snapshot is not None and self.data_disks:
+            raise ValueError("dataDisks cannot be set on a clone: cocoon clones the snapshot's data disks")
+        if self.image is not None and self.expect and self.expect.base_image:
+            raise ValueError("expect.baseImage applies to clones only; an image is its own base")
+        names = [disk.name for disk in self.data_disks]
+        if len(set(names)) != len(names):
+            raise ValueError("data disk names must be unique")
+        return self
+
+
+class Metadata(Model):
+    """``metadata`` of a VM document."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    """VM name, unique on its node (cocoon's ``^[a-zA-Z0-9][a-zA-Z0-9._-]{0,62}$``)."""
+    labels: dict[str, str] = Field(default_factory=dict)
+    """Free-form labels, carried into the plan for display."""
+
+
+class VMSpec(Model):
+    """One ``kind: VM`` document."""
+
+    api_version: Literal["cocoonplan/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["VM"]
+    metadata: Metadata
+    spec: VMSpecBody
+
+    model_config = Model.model_config | {"populate_by_name": True}
+
+    @property
+    def name(self) -> str:
+        """The VM's name."""
+        return self.metadata.name
+
+    @property
+    def source(self) -> Reference:
+        """The snapshot (clone) or image (run) reference, parsed."""
+        return parse_reference(self.spec.snapshot or self.spec.image or "")
+
+
+class LoadedSpec(Model):
+    """A validated VM spec and where it was written."""
+
+    spec: VMSpec
+    file: str
+    """The spec file, relative to the project directory (for messages and plans)."""
+    line: int
+    """Line where the document starts."""
+
+
+def validate_document(document: LocatedDocument) -> VMSpec:
+    """Validate one located document as a VM spec, raising a located SpecError."""
+    try:
+        return VMSpec.model_validate(document.data)
+    except ValidationError as exc:
+        raise document.validation_error(exc) from exc
+
+
+def is_vm_document(document: LocatedDocument) -> bool:
+    """Whether a document declares ``kind: VM`` (other kinds in a repo are skipped)."""
+    return isinstance(document.data, dict) and document.data.get("kind") == VM_KIND
+
+
+def load_specs(path: Path, display: str, nodes: Collection[str]) -> list[LoadedSpec]:
+    """Load every ``kind: VM`` document of a YAML file, validated; errors name file:line:column.
+
+    ``nodes`` are the node names the project file declares; a spec naming another is an error.
+    """
+    loaded = []
+    for document in read_documents(path, display):
+        if not isinstance(document.data, dict):
+            raise document.error((), "a document must be a mapping with apiVersion, kind, metadata and spec")
+        if not is_vm_document(document):
+            continue
+        spec = validate_document(document)
+        if spec.spec.node not in nodes:
+            known = ", ".join(sorted(nodes)) or "none"
+            raise document.error(
+                ("spec", "node"),
+                f"spec.node: unknown node {spec.spec.node!r} (the project file declares: {known})",
+                hint="add the node under `nodes:` in cocoonplan.yaml",
+            )
+        loaded.append(LoadedSpec(spec=spec, file=display, line=document.start[0]))
+    return loaded
+
+
+def check_unique(specs: list[LoadedSpec]) -> None:
+    """Refuse two specs naming the same VM on the same node."""
+    seen: dict[tuple[str, str], LoadedSpec] = {}
+    for item in specs:
+        key = (item.spec.spec.node, item.spec.name)
+        if key in seen:
+            first = seen[key]
+            raise SpecError(
+                f"VM {item.spec.name!r} on node {key[0]!r} is also defined at {first.file}:{first.line}",
+                file=item.file,
+                line=item.line,
+                hint="VM names must be unique per node",
+            )
+        seen[key] = item
