@@ -18,6 +18,7 @@ from cocoonplan.gitops import differences, write_tree
 from cocoonplan.planfile import read_plan, write_plan
 from cocoonplan.planner.model import Plan
 from cocoonplan.render import plan_document, render_human, render_json, render_markdown
+from cocoonplan.schemas import generate as generate_schemas
 
 app = typer.Typer(
     name="cocoonplan",
@@ -155,6 +156,34 @@ def render(
             f"{len(changed)} rendered file(s) differ; run `cocoonplan render --dir {directory}`.", err=True
         )
         raise typer.Exit(1)
+
+
+@app.command()
+def schemas(
+    directory: Annotated[Path, typer.Option("--dir", help="Where to write the *.schema.json files.")] = Path(
+        "schemas"
+    ),
+    check: Annotated[
+        bool, typer.Option("--check", help="Write nothing; exit 1 when a file is stale.")
+    ] = False,
+) -> None:
+    """Write the JSON Schemas of the spec, project, lock and plan documents (for editors and tools)."""
+    stale = [
+        name for name, text in generate_schemas().items() if _stale(directory / name, text, write=not check)
+    ]
+    for name in stale:
+        typer.echo(f"{'stale' if check else 'wrote'}: {directory / name}")
+    if check and stale:
+        raise typer.Exit(1)
+
+
+def _stale(path: Path, text: str, *, write: bool) -> bool:
+    if path.is_file() and path.read_text() == text:
+        return False
+    if write:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return True
 
 
 @app.command()

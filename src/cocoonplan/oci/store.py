@@ -25,6 +25,16 @@ class RawManifest(Model):
     """The exact bytes; the digest is computed from these, never from a re-serialisation."""
 
 
+def is_digest_selector(selector: str) -> bool:
+    """Tell a digest selector from a tag: tags cannot contain ``:``, digests always do."""
+    return ":" in selector
+
+
+def manifest_name(repository: str, selector: str) -> str:
+    """``repository:tag`` or ``repository@digest``, as a user would write it (for messages)."""
+    return f"{repository}@{selector}" if is_digest_selector(selector) else f"{repository}:{selector}"
+
+
 class ContentStore(Protocol):
     """Read access to the manifests and blobs of one registry host."""
 

@@ -213,7 +213,7 @@ def run_config(
     return {
         "balloon": None
         if balloon is None
-        else {"deflate_on_oom": True, "free_page_reporting": True, "id": None, "size": balloon},
+        else {"deflate_on_oom": True, "free_page_reporting": True, "size": balloon},
         "console": {"mode": "Pty"},
         "cpus": {
             "affinity": None,

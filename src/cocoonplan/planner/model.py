@@ -9,7 +9,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 
 from cocoonplan.cocoon import DiskRole
 from cocoonplan.model import Digest, Model
@@ -144,7 +144,9 @@ class Summary(Model):
     update: int = 0
     replace: int = 0
     delete: int = 0
-    no_op: int = Field(default=0, serialization_alias="no-op")
+    no_op: int = Field(
+        default=0, validation_alias=AliasChoices("no-op", "no_op"), serialization_alias="no-op"
+    )
     fetch_bytes: int = 0
     fetch_blobs: int = 0
     errors: int = 0

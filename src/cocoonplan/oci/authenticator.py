@@ -1,0 +1,192 @@
+"""Registry authentication as an httpx auth flow: Docker/OCI bearer tokens and HTTP basic.
+
+The flow reacts to what the registry asks for in its 401 ``WWW-Authenticate`` challenge:
+
+* ``Bearer realm=...,service=...,scope=...``: GET a token from the realm with the service
+  and scope as query parameters (basic-authenticated with the credentials, when there are
+  any, anonymous otherwise), read ``token`` or ``access_token``, cache it per scope until
+  ``expires_in`` runs out, and retry the request once with it;
+* ``Basic realm=...``: retry once with the credentials, and send them up front from then on.
+
+Each request is retried at most once; there is no retry loop. A token endpoint that refuses
+raises RegistryError naming the realm and the scope.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import time
+from collections.abc import Generator
+from dataclasses import dataclass
+
+import httpx
+
+from cocoonplan.errors import RegistryError
+from cocoonplan.oci.credentials import Credentials
+
+DEFAULT_TOKEN_SECONDS = 60
+"""Token lifetime when the token endpoint does not say (the distribution token spec's default)."""
+_EXPIRY_MARGIN_SECONDS = 5
+# Greedy name and anchored tail: a repository may itself contain a "blobs" or "manifests" component.
+_REPOSITORY_PATH = re.compile(r"^/v2/(?P<name>.+)/(?:manifests/[^/]+|blobs/[^/]+|tags/list)$")
+
+
+@dataclass(frozen=True)
+class Challenge:
+    """One parsed ``WWW-Authenticate`` challenge."""
+
+    scheme: str
+    """Lower-cased auth scheme: ``bearer`` or ``basic`` (others are ignored)."""
+    params: dict[str, str]
+
+
+def parse_challenges(headers: list[str]) -> list[Challenge]:
+    """Parse ``WWW-Authenticate`` header values into challenges.
+
+    Parameter values may be quoted and may contain commas (``scope="repository:a:pull,push"``),
+    so the header is tokenised: a bare token not followed by ``=`` starts a new challenge,
+    ``key=value`` adds a parameter to the current one.
+    """
+    challenges: list[Challenge] = []
+    for header in headers:
+        current: Challenge | None = None
+        position, length = 0, len(header)
+        while position < length:
+            while position < length and header[position] in " \t,":
+                position += 1
+            start = position
+            while position < length and header[position] not in " \t,=":
+                position += 1
+            token = header[start:position]
+            while position < length and header[position] in " \t":
+                position += 1
+            if position < length and header[position] == "=":
+                value, position = _parameter_value(header, position + 1)
+                if current is not None and token:
+                    current.params[token.lower()] = value
+            elif token:
+                current = Challenge(scheme=token.lower(), params={})
+                challenges.append(current)
+    return challenges
+
+
+def _parameter_value(header: str, position: int) -> tuple[str, int]:
+    """Read a quoted-string or bare parameter value starting at ``position``."""
+    while position < len(header) and header[position] in " \t":
+        position += 1
+    if position < len(header) and header[position] == '"':
+        value: list[str] = []
+        position += 1
+        while position < len(header) and header[position] != '"':
+            if header[position] == "\\" and position + 1 < len(header):
+                position += 1
+            value.append(header[position])
+            position += 1
+        return "".join(value), position + 1
+    start = position
+    while position < len(header) and header[position] != ",":
+        position += 1
+    return header[start:position].strip(), position
+
+
+def basic_header(credentials: Credentials) -> str:
+    """The ``Authorization`` value for HTTP basic auth with ``credentials``."""
+    pair = f"{credentials.username}:{credentials.password}".encode()
+    return "Basic " + base64.b64encode(pair).decode("ascii")
+
+
+def pull_scope(url: httpx.URL) -> str | None:
+    """The token scope a registry asks for when reading ``url``, derived from its path."""
+    match = _REPOSITORY_PATH.match(url.path)
+    return f"repository:{match.group('name')}:pull" if match else None
+
+
+class RegistryAuth(httpx.Auth):
+    """Authenticate requests to one registry host; holds the token cache for that host.
+
+    Credentials are sent only in response to a challenge (or, for basic auth, after one was
+    seen), so anonymous registries never receive them.
+    """
+
+    def __init__(self, host: str, credentials: Credentials | None) -> None:
+        self.host = host
+        self.credentials = credentials
+        self._tokens: dict[str, tuple[str, float]] = {}
+        self._basic_challenged = False
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        """Send ``request``, answering at most one 401 challenge with a token or basic credentials."""
+        scope = pull_scope(request.url)
+        sent_token = self._cached_token(scope) if scope else None
+        if sent_token:
+            request.headers["Authorization"] = f"Bearer {sent_token}"
+        elif self._basic_challenged and self.credentials is not None:
+            request.headers["Authorization"] = basic_header(self.credentials)
+        response = yield request
+        if response.status_code != httpx.codes.UNAUTHORIZED:
+            return
+        challenges = parse_challenges(response.headers.get_list("www-authenticate"))
+        bearer = next((c for c in challenges if c.scheme == "bearer"), None)
+        if bearer is not None and "realm" in bearer.params:
+            key = scope or bearer.params.get("scope", "")
+            self._tokens.pop(key, None)
+            token_response = yield self._token_request(bearer)
+            token_response.read()
+            token = self._accept_token(token_response, bearer, key)
+            request.headers["Authorization"] = f"Bearer {token}"
+            yield request
+        elif any(c.scheme == "basic" for c in challenges) and self.credentials is not None:
+            if "Authorization" in request.headers:
+                return  # these credentials were just refused; asking again cannot help
+            self._basic_challenged = True
+            request.headers["Authorization"] = basic_header(self.credentials)
+            yield request
+
+    def _cached_token(self, scope: str) -> str | None:
+        cached = self._tokens.get(scope)
+        if cached is None:
+            return None
+        token, expires = cached
+        if time.monotonic() >= expires:
+            del self._tokens[scope]
+            return None
+        return token
+
+    def _token_request(self, challenge: Challenge) -> httpx.Request:
+        params = {key: challenge.params[key] for key in ("service", "scope") if challenge.params.get(key)}
+        # copy_merge_params keeps any query the realm already carries (params= would replace it).
+        url = httpx.URL(challenge.params["realm"]).copy_merge_params(params)
+        headers = {"Accept": "application/json"}
+        if self.credentials is not None:
+            headers["Authorization"] = basic_header(self.credentials)
+        return httpx.Request("GET", url, headers=headers)
+
+    def _accept_token(self, response: httpx.Response, challenge: Challenge, key: str) -> str:
+        realm = challenge.params["realm"]
+        scope = challenge.params.get("scope", "(none)")
+        if response.status_code != httpx.codes.OK:
+            who = f"as {self.credentials.username}" if self.credentials else "anonymously"
+            raise RegistryError(
+                f"token service {realm} refused a token for {self.host} scope {scope} "
+                f"{who} (HTTP {response.status_code})",
+                hint=f"check the credentials for {self.host} in the docker config "
+                "($DOCKER_CONFIG/config.json or ~/.docker/config.json), "
+                f"e.g. with `docker login {self.host}`",
+            )
+        try:
+            body = response.json()
+            token = body.get("token") or body.get("access_token")
+            lifetime = float(body.get("expires_in") or DEFAULT_TOKEN_SECONDS)
+        except (ValueError, AttributeError, TypeError) as exc:
+            raise RegistryError(
+                f"token service {realm} returned an unreadable answer for {self.host} scope {scope}",
+                hint="the token endpoint must return JSON with token or access_token",
+            ) from exc
+        if not isinstance(token, str) or not token:
+            raise RegistryError(
+                f"token service {realm} returned no token for {self.host} scope {scope}",
+                hint="the token endpoint must return JSON with token or access_token",
+            )
+        self._tokens[key] = (token, time.monotonic() + max(lifetime - _EXPIRY_MARGIN_SECONDS, 0))
+        return token

@@ -1,0 +1,42 @@
+"""Run the real ``cocoonplan`` CLI in-process from a chosen working directory."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from typer.testing import CliRunner, Result
+
+from cocoonplan.cli import app
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"
+
+
+def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> Result:
+    """Invoke ``cocoonplan ARGS`` with ``cwd`` as the working directory."""
+    previous = Path.cwd()
+    os.chdir(cwd)
+    try:
+        return CliRunner().invoke(app, args, env=env, catch_exceptions=False)
+    finally:
+        os.chdir(previous)
+
+
+def copy_examples(target: Path) -> Path:
+    """A private copy of ``examples/`` (without any cache), so tests never write into the repo."""
+    shutil.copytree(EXAMPLES, target, ignore=shutil.ignore_patterns(".cocoonplan", "build.py", "__pycache__"))
+    return target
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` with its bytes, for "nothing changed on disk" checks.
+
+    The digest-addressed download cache (``.cocoonplan/``) is left out: it holds verified
+    content only, never user state.
+    """
+    files = sorted(
+        p for p in root.rglob("*") if p.is_file() and ".cocoonplan" not in p.relative_to(root).parts
+    )
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in files}

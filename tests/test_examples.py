@@ -1,0 +1,140 @@
+"""Every shipped example is planned from the committed OCI layout (no server) and pinned.
+
+A change to any layer, disk, config.json field or cmdline of the examples shows up here as
+a snapshot diff.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from syrupy.assertion import SnapshotAssertion
+
+from chschema import config_errors, unknown_keys
+from clirunner import EXAMPLES, copy_examples, run_cli
+from snapshotext import JSONFile, TextFile
+
+# Keys CH v51 serialises that its OpenAPI document does not list (seen in Example C).
+CH_SERIALISED_EXTRAS = {"disable_aio", "disable_io_uring", "fds", "user_devices"}
+SPECS = sorted(p.stem for p in EXAMPLES.glob("*.yaml") if p.name != "cocoonplan.yaml")
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return copy_examples(tmp_path_factory.mktemp("examples") / "examples")
+
+
+@pytest.fixture(scope="module")
+def document(project: Path) -> dict[str, Any]:
+    result = run_cli(["plan", ".", "--json"], project)
+    assert result.exit_code == 0, result.stderr
+    loaded: dict[str, Any] = json.loads(result.stdout)
+    return loaded
+
+
+def _vm(document: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(vm for vm in document["vms"] if vm["name"] == name)
+
+
+def test_every_example_is_planned(document: dict[str, Any]) -> None:
+    assert sorted(vm["name"] for vm in document["vms"]) == SPECS
+    assert document["errors"] == []
+    assert document["lock_changes"] == [], "examples/cocoonplan.lock must be current"
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_example_plan_is_pinned(document: dict[str, Any], name: str, snapshot: SnapshotAssertion) -> None:
+    assert _vm(document, name) == snapshot(extension_class=JSONFile)
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_example_config_is_pinned_and_valid(
+    document: dict[str, Any], name: str, snapshot: SnapshotAssertion
+) -> None:
+    config = _vm(document, name)["config"]
+    assert config_errors(config) == []
+    assert {path.rsplit("/", 1)[-1] for path in unknown_keys(config)} <= CH_SERIALISED_EXTRAS
+    assert config == snapshot(extension_class=JSONFile)
+
+
+def test_plan_json_has_the_documented_keys(document: dict[str, Any]) -> None:
+    assert document["format_version"] == 1
+    assert {"format_version", "vms", "errors", "lock_changes", "summary"} <= set(document)
+    for vm in document["vms"]:
+        assert {"name", "action", "source", "blobs", "disks", "config", "cmdline"} <= set(vm)
+        assert set(vm["source"]) == {"ref", "digest"}
+        for blob in vm["blobs"]:
+            assert {"digest", "size", "media_type", "source", "present"} <= set(blob)
+        for disk in vm["disks"]:
+            assert {"index", "serial", "role", "path", "readonly", "digest"} <= set(disk)
+
+
+def test_clone_example_lists_exactly_the_eleven_base_layers(document: dict[str, Any]) -> None:
+    vm = _vm(document, "agent-clone")
+    layers = [d for d in vm["disks"] if d["role"] == "layer"]
+    assert [d["serial"] for d in layers] == [f"cocoon-layer{i}" for i in range(11)]
+    assert [d["index"] for d in vm["disks"]] == list(range(len(vm["disks"])))
+    assert [d["role"] for d in vm["disks"][11:]] == ["cow", "data"]
+    assert vm["cmdline"].split()[3] == "cocoon.layers=" + ",".join(
+        f"cocoon-layer{i}" for i in reversed(range(11))
+    )
+    assert [d["path"] for d in vm["config"]["disks"]] == [d["path"] for d in vm["disks"]]
+
+
+def test_human_render_is_pinned(project: Path, snapshot: SnapshotAssertion) -> None:
+    result = run_cli(["plan", "."], project)
+    assert result.exit_code == 0
+    assert result.stdout == snapshot(extension_class=TextFile)
+
+
+def test_markdown_render_is_pinned(project: Path, snapshot: SnapshotAssertion) -> None:
+    result = run_cli(["plan", ".", "--markdown"], project)
+    assert result.exit_code == 0
+    assert len(result.stdout) <= 60_000
+    assert result.stdout == snapshot(extension_class=TextFile)
+
+
+def test_detailed_exitcode_is_two_for_the_examples(project: Path) -> None:
+    assert run_cli(["plan", ".", "--detailed-exitcode"], project).exit_code == 2
+
+
+def test_saved_plan_shows_the_same(project: Path, tmp_path: Path) -> None:
+    out = tmp_path / "plan.json"
+    planned = run_cli(["plan", ".", "--out", str(out)], project)
+    shown = run_cli(["show", str(out)], project)
+    assert shown.exit_code == 0
+    assert shown.stdout == planned.stdout
+    assert run_cli(["show", str(out), "--json"], project).stdout == out.read_text()
+
+
+def test_show_refuses_another_format_version(project: Path, tmp_path: Path) -> None:
+    out = tmp_path / "plan.json"
+    run_cli(["plan", ".", "--out", str(out)], project)
+    document = json.loads(out.read_text())
+    document["format_version"] = 99
+    out.write_text(json.dumps(document))
+    result = run_cli(["show", str(out)], project)
+    assert result.exit_code == 1
+    assert "plan format_version 99, this cocoonplan reads 1" in result.stderr
+
+
+def test_render_writes_and_checks_gitops_files(project: Path, tmp_path: Path) -> None:
+    target = tmp_path / "rendered"
+    assert run_cli(["render", ".", "--dir", str(target)], project).exit_code == 0
+    files = sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file())
+    assert files == [f"node-a/{vm}/{f}" for vm in SPECS for f in ("config.json", "disks.json", "launch")]
+    assert run_cli(["render", ".", "--dir", str(target), "--check"], project).exit_code == 0
+    config = target / "node-a/agent-clone/config.json"
+    config.write_text(config.read_text().replace("cocoon-layer3", "cocoon-layer9"))
+    (target / "node-a/ghost/launch").parent.mkdir()
+    (target / "node-a/ghost/launch").write_text("x\n")
+    checked = run_cli(["render", ".", "--dir", str(target), "--check"], project)
+    assert checked.exit_code == 1
+    assert checked.stdout.splitlines() == [
+        "changed: node-a/agent-clone/config.json",
+        "stale:   node-a/ghost/launch",
+    ]
+    assert "cocoon-layer9" in config.read_text(), "--check writes nothing"
