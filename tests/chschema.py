@@ -1,7 +1,8 @@
 """Validate generated config.json documents against the Cloud Hypervisor v51 OpenAPI schema.
 
-The schema is read from ``../shared/reference/`` (beside the repository on every developer
-machine and in CI; ``COCOONPLAN_REFERENCE`` overrides the directory). OpenAPI 3.0 component
+The schema is ``data/cloud-hypervisor-v51.0-openapi.yaml``, a verbatim copy of the one in
+``shared/reference/`` (taken from the cloud-hypervisor repository, Apache-2.0), kept here so
+a clone tests on its own; a test checks the copy against shared/ where that exists. OpenAPI 3.0 component
 schemas are turned into one JSON Schema (draft 2020-12); CH serialises ``None`` as ``null``,
 which OpenAPI 3.0 spells as an absent key, so nulls are dropped before validation.
 """
@@ -21,8 +22,11 @@ REPO = Path(__file__).resolve().parent.parent
 OPENAPI = "cloud-hypervisor-v51.0-openapi.yaml"
 
 
-def reference_dir() -> Path:
-    """Where the shared reference material lives."""
+SCHEMA = Path(__file__).resolve().parent / "data" / OPENAPI
+
+
+def shared_reference() -> Path:
+    """Where the shared reference material lives (beside the repository)."""
     return Path(os.environ.get("COCOONPLAN_REFERENCE", REPO.parent / "shared" / "reference"))
 
 
@@ -46,12 +50,7 @@ def _convert(node: Any) -> Any:
 @cache
 def vm_config_validator() -> jsonschema.Draft202012Validator:
     """A validator for the VmConfig schema (the body of vm.create, the shape of config.json)."""
-    path = reference_dir() / OPENAPI
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} is missing: the CH schema comes from shared/reference (set COCOONPLAN_REFERENCE)"
-        )
-    spec = yaml.safe_load(path.read_text())
+    spec = yaml.safe_load(SCHEMA.read_text())
     defs = _convert(spec["components"]["schemas"])
     schema = {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -81,7 +80,7 @@ def config_errors(config: dict[str, Any]) -> list[str]:
 
 def unknown_keys(config: dict[str, Any]) -> list[str]:
     """Keys of config.json that the v51 schema does not define (typos would show here)."""
-    defs = _convert(yaml.safe_load((reference_dir() / OPENAPI).read_text())["components"]["schemas"])
+    defs = _convert(yaml.safe_load(SCHEMA.read_text())["components"]["schemas"])
 
     def walk(value: Any, schema: dict[str, Any], path: str) -> list[str]:
         while "$ref" in schema:

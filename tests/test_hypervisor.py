@@ -11,7 +11,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from chschema import config_errors
+import pytest
+
+from chschema import OPENAPI, SCHEMA, config_errors, shared_reference
 from cocoonplan.cocoon import DiskRole, StorageConfig
 from cocoonplan.planner.hypervisor import (
     Nic,
@@ -198,3 +200,10 @@ def test_run_config_mirrors_the_launch_line_and_is_schema_valid() -> None:
 
 def test_go_encoding_escapes_html_characters() -> None:
     assert encode_config({"b": "<&>", "a": 1}) == b'{"b":"\\u003c\\u0026\\u003e","a":1}'
+
+
+def test_vendored_ch_schema_equals_the_shared_reference() -> None:
+    shared = shared_reference() / OPENAPI
+    if not shared.is_file():
+        pytest.skip("no shared/reference beside this clone to compare the vendored schema with")
+    assert SCHEMA.read_bytes() == shared.read_bytes()
