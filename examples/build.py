@@ -5,7 +5,10 @@ The data freezes the project's founding bug (cocoon issue #46): VM ``agent-clone
 the hot snapshot ``ghcr.io/cocoonstack/agent-snap:v1``, baked from the 11-layer image
 ``ghcr.io/cocoonstack/cocoon/ubuntu:24.04-xface``, but it runs on the 6 layers of
 ``ghcr.io/cocoonstack/cocoon/ubuntu:24.04-xface-20260513`` (the first 2 are shared, the upper
-9 are missing). VM ``agent-run`` is a healthy ``vm run`` of the 6-layer image.
+9 are missing). VM ``agent-run`` is a healthy ``vm run`` of the 6-layer image. cocoonplan's
+ownership file marks both as created by it (from ``agent-clone.yaml`` and ``agent-run.yaml``);
+VM ``legacy-tool``, another ``vm run`` of the 6-layer image, was made by hand: cocoonplan
+must leave it alone.
 
     .venv/bin/python examples/build.py           # rewrite examples/oci and examples/node
     .venv/bin/python examples/build.py --check   # exit 1 if the committed files differ
@@ -25,6 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # the fixture library, imported as pytest imports it
 
 from ocifixture import (  # noqa: E402
+    AS_WRITTEN,
     GIB,
     Artifact,
     Blob,
@@ -32,6 +36,7 @@ from ocifixture import (  # noqa: E402
     DataDisk,
     Nic,
     NodeVM,
+    OwnerRecord,
     Run,
     SourceVM,
     derive_id,
@@ -46,6 +51,9 @@ XFACE = "ghcr.io/cocoonstack/cocoon/ubuntu:24.04-xface"
 XFACE_0513 = "ghcr.io/cocoonstack/cocoon/ubuntu:24.04-xface-20260513"
 AGENT_SNAP = "ghcr.io/cocoonstack/agent-snap:v1"
 OUTPUTS = ("oci", "node")
+AGENT_CLONE_ID = "V4SEH2KVJ72CEUVW75EFR6EDT4"
+AGENT_RUN_ID = derive_id("examples", "agent-run")
+LEGACY_TOOL_ID = derive_id("examples", "legacy-tool")
 
 OS_RELEASE = b"""PRETTY_NAME="Ubuntu 24.04 LTS"
 NAME="Ubuntu"
@@ -121,20 +129,47 @@ def scenario() -> tuple[dict[str, Artifact], list[NodeVM]]:
     snap = snapshot(xface, base_ref=XFACE, vm=source, snapshot_id="S2JHTLGMXGEDN73U55XTPLPFT7")
     vms = [
         NodeVM(
-            id="V4SEH2KVJ72CEUVW75EFR6EDT4",
+            id=AGENT_CLONE_ID,
             name="agent-clone",
             source=Clone(snap),
             layers=[b.digest for b in xface_0513.layers],
             nics=[Nic(ip="10.22.0.9", prefix=16, gateway="10.22.0.1")],
         ),
         NodeVM(
-            id=derive_id("examples", "agent-run"),
+            id=AGENT_RUN_ID,
             name="agent-run",
             source=Run(XFACE_0513),
             nics=[Nic(ip="10.22.0.10", prefix=16, gateway="10.22.0.1")],
         ),
+        NodeVM(
+            id=LEGACY_TOOL_ID,
+            name="legacy-tool",
+            source=Run(XFACE_0513),
+            nics=[Nic(ip="10.22.0.11", prefix=16, gateway="10.22.0.1")],
+        ),
     ]
     return {XFACE: xface, XFACE_0513: xface_0513, AGENT_SNAP: snap}, vms
+
+
+def owned(artifacts: dict[str, Artifact]) -> dict[str, OwnerRecord]:
+    """cocoonplan's ownership entries: the two VMs it applied, as it recorded them then."""
+    return {
+        AGENT_CLONE_ID: OwnerRecord(
+            name="agent-clone",
+            spec_file="agent-clone.yaml",
+            source=artifacts[AGENT_SNAP].digest,
+            config_sha256=AS_WRITTEN,
+            launch=AS_WRITTEN,
+            cmdline=AS_WRITTEN,
+        ),
+        AGENT_RUN_ID: OwnerRecord(
+            name="agent-run",
+            spec_file="agent-run.yaml",
+            source=artifacts[XFACE_0513].digest,
+            launch=AS_WRITTEN,
+            cmdline=AS_WRITTEN,
+        ),
+    }
 
 
 def build(out: Path) -> None:
@@ -142,7 +177,7 @@ def build(out: Path) -> None:
     artifacts, vms = scenario()
     write_layout(out / "oci", artifacts)
     images = {ref: art for ref, art in artifacts.items() if art.snapshot is None}
-    node_root(out / "node", images=images, vms=vms)
+    node_root(out / "node", images=images, vms=vms, owned=owned(artifacts))
 
 
 def _files(root: Path) -> dict[str, bytes]:

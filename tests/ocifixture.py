@@ -51,6 +51,10 @@ _FILE_MEDIA_TYPES = {
 
 class _Default(Enum):
     BASE_REF = "base_ref"  # snapshot(): annotate the manifest with base_ref
+    AS_WRITTEN = "as_written"  # OwnerRecord: the value node_root wrote for that VM
+
+
+AS_WRITTEN = _Default.AS_WRITTEN
 
 
 # --------------------------------------------------------------------------- encoding
@@ -797,6 +801,51 @@ def _vm_record(vm: NodeVM, image: JSON, vm_dir: str, scs: list[JSON], boot: JSON
 
 
 @dataclass(frozen=True)
+class OwnerRecord:
+    """cocoonplan's ownership entry for one VM (the fields of ``cocoonplan.observed.Owner``).
+
+    ``AS_WRITTEN`` takes the value from what :func:`node_root` wrote for that VM:
+    ``config_sha256`` the sha256 of its run dir ``config.json`` (clones only), ``launch`` its
+    run dir ``cmdline`` file, ``cmdline`` its record's ``boot_config.cmdline``. None omits the key.
+    """
+
+    name: str
+    source: str
+    spec_file: str | None = None
+    config_sha256: str | _Default | None = None
+    launch: str | _Default | None = None
+    cmdline: str | _Default | None = None
+
+
+OWNED_FILE = "cocoonplan/owned.json"
+
+
+def _owner_entry(
+    node: _Node, vm_id: str, record: JSON | None, owner: OwnerRecord | Mapping[str, Any]
+) -> JSON:
+    """One ``owned.json`` entry; a plain mapping is written as given (malformed ones included)."""
+    if not isinstance(owner, OwnerRecord):
+        return dict(owner)
+
+    def written(what: str) -> str:
+        if record is None:
+            raise ValueError(f"owned[{vm_id}]: AS_WRITTEN {what} needs a VM with that ID")
+        if what == "cmdline":
+            return str(record["boot_config"]["cmdline"])
+        path = node.host(f"{record['run_dir']}/{'config.json' if what == 'config_sha256' else 'cmdline'}")
+        if not path.is_file():
+            raise ValueError(f"owned[{vm_id}]: VM {vm_id} has no {path.name} for AS_WRITTEN {what}")
+        data = path.read_bytes()
+        return "sha256:" + hashlib.sha256(data).hexdigest() if what == "config_sha256" else data.decode()
+
+    entry: JSON = {"name": owner.name, "spec_file": owner.spec_file, "source": owner.source}
+    for what in ("config_sha256", "launch", "cmdline"):
+        value = getattr(owner, what)
+        entry[what] = written(what) if value is AS_WRITTEN else value
+    return {key: value for key, value in entry.items() if value is not None}
+
+
+@dataclass(frozen=True)
 class _Node:
     """Where a node root is written: ``path`` stands for ``root_dir``; ``run_dir`` lies under it."""
 
@@ -912,10 +961,12 @@ def node_root(
     run_dir: str | None = None,
     extra_files: Mapping[str, bytes] | None = None,
     pulled_at: str = "2026-05-13T08:01:12.41Z",
+    owned: Mapping[str, OwnerRecord | Mapping[str, Any]] | None = None,
 ) -> None:
     """Write a cocoon node root at ``path`` (which stands for ``root_dir``; ``run_dir`` must lie
     under it): images.json, EROFS blobs, boot files, vms.json, run dirs, an empty snapshots.json,
-    then ``extra_files`` (path relative to ``root_dir`` -> bytes)."""
+    cocoonplan's ``owned.json`` when ``owned`` (VM ID -> owner) is given, then ``extra_files``
+    (path relative to ``root_dir`` -> bytes)."""
     node = _Node(path, root_dir, run_dir or f"{root_dir}/run")
     _pull_images(node, images, pulled_at)
     records = {}
@@ -928,5 +979,11 @@ def node_root(
     vms_doc = {"vms": dict(sorted(records.items())), "names": dict(sorted(names.items()))}
     node.write(f"{root_dir}/cloudhypervisor/db/vms.json", go_json(vms_doc))
     node.write(f"{root_dir}/snapshot/db/snapshots.json", go_json({"snapshots": {}, "names": {}}))
+    if owned is not None:
+        entries = {i: _owner_entry(node, i, records.get(i), o) for i, o in sorted(owned.items())}
+        document = {"format_version": 1, "vms": entries}
+        node.write(
+            f"{root_dir}/{OWNED_FILE}", json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
+        )
     for rel, data in sorted((extra_files or {}).items()):
         node.write(f"{root_dir}/{rel}", data)

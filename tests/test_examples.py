@@ -138,3 +138,30 @@ def test_render_writes_and_checks_gitops_files(project: Path, tmp_path: Path) ->
         "stale:   node-a/ghost/launch",
     ]
     assert "cocoon-layer9" in config.read_text(), "--check writes nothing"
+
+
+def test_examples_show_the_founding_bug_as_drift(document: dict[str, Any]) -> None:
+    clone = _vm(document, "agent-clone")
+    assert clone["action"] == "replace"
+    assert "disks" in clone["replace_paths"]
+    alien = [d for d in clone["drift"] if d["found"] is not None]
+    missing = [d for d in clone["drift"] if d["found"] is None]
+    assert [d["path"] for d in alien] == [f"disks[{i}]" for i in range(2, 6)]
+    assert all(d["found_in"] == ["ghcr.io/cocoonstack/cocoon/ubuntu:24.04-xface-20260513"] for d in alien)
+    assert all("not to the snapshot's base ghcr.io/cocoonstack/cocoon/ubuntu:24.04-xface" in d["message"] for d in alien)
+    assert [d["path"] for d in missing] == [f"disks[{i}]" for i in range(6, 11)]
+    assert all(d["expected"].startswith("sha256:") for d in clone["drift"])
+    run = _vm(document, "agent-run")
+    assert run["action"] == "no-op" and run["drift"] == [] and run["changes"] == []
+    assert [w["vm"] for w in document["warnings"]] == ["legacy-tool"]
+    assert document["summary"]["drifted"] == 1
+
+
+def test_refresh_only_reports_drift_alone(project: Path) -> None:
+    result = run_cli(["plan", ".", "--json", "--refresh-only", "--detailed-exitcode"], project)
+    assert result.exit_code == 2
+    document = json.loads(result.stdout)
+    assert document["refresh_only"] is True
+    assert {vm["name"]: vm["action"] for vm in document["vms"]} == {"agent-clone": "no-op", "agent-run": "no-op"}
+    assert all(vm["changes"] == [] for vm in document["vms"])
+    assert len(_vm(document, "agent-clone")["drift"]) == 9

@@ -15,8 +15,9 @@ import pytest
 
 from chschema import OPENAPI, SCHEMA, config_errors, shared_reference
 from cocoonplan.cocoon import DiskRole, StorageConfig
+from cocoonplan.observed import NicAddress
 from cocoonplan.planner.hypervisor import (
-    Nic,
+    Boot,
     Tuning,
     build_cmdline,
     disk_argument,
@@ -25,6 +26,7 @@ from cocoonplan.planner.hypervisor import (
     patch_clone_config,
     run_config,
 )
+from cocoonplan.planner.identity import NicIdentity
 from cocoonplan.units import GIB
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -127,9 +129,23 @@ def test_example_c_is_valid_against_the_ch_v51_schema() -> None:
     assert config_errors(_example_c()) == []
 
 
-def test_cmdline_reverses_layers_top_first() -> None:
-    assert build_cmdline(3, "agent-src", 1) == STATIC_CMDLINE.rsplit(" ip=", 1)[0]
-    assert build_cmdline(2, "x", 0) == (
+NIC = NicIdentity(
+    tap="tapUJZDEGXD-0",
+    mac="6a:1f:3c:88:0d:42",
+    address=NicAddress(ip="10.22.0.5", gateway="10.22.0.1", prefix=16),
+)
+DNS = ("8.8.8.8", "1.1.1.1")
+
+
+def test_cmdline_matches_the_worked_example() -> None:
+    assert build_cmdline(3, "agent-src", [NIC], DNS) == STATIC_CMDLINE
+    dhcp = NIC.model_copy(update={"address": None})
+    assert build_cmdline(3, "agent-src", [dhcp], DNS) == STATIC_CMDLINE.rsplit(" ip=", 1)[0]
+    no_gateway = NIC.model_copy(update={"address": NicAddress(ip="10.0.0.2", prefix=24)})
+    assert build_cmdline(1, "v", [dhcp, no_gateway], ("9.9.9.9",)).endswith(
+        "cocoon.hostname=v ip=10.0.0.2:::255.255.255.0:v:eth1:off:9.9.9.9"
+    )
+    assert build_cmdline(2, "x", [], DNS) == (
         "console=hvc0 loglevel=3 boot=cocoon-overlay cocoon.layers=cocoon-layer1,cocoon-layer0 "
         "cocoon.cow=cocoon-cow clocksource=kvm-clock rw"
     )
@@ -158,10 +174,8 @@ def test_launch_line_matches_the_worked_cmdline_file() -> None:
     line = launch_command(
         api_socket=f"{SRC}/api.sock",
         disks=_disks(SRC),
-        nics=[Nic(tap="tapUJZDEGXD-0", mac="6a:1f:3c:88:0d:42")],
-        kernel=f"{boot}/vmlinuz",
-        initrd=f"{boot}/initrd.img",
-        cmdline=STATIC_CMDLINE,
+        nics=[NIC],
+        boot=Boot(kernel=f"{boot}/vmlinuz", initrd=f"{boot}/initrd.img", cmdline=STATIC_CMDLINE),
         tuning=TUNING,
     )
     ro = "readonly=on,image_type=raw,num_queues=2,queue_size=512"
@@ -184,10 +198,8 @@ def test_run_config_mirrors_the_launch_line_and_is_schema_valid() -> None:
     boot = f"/var/lib/cocoon/oci/boot/{L1}"
     config = run_config(
         disks=_disks(SRC),
-        nics=[Nic(tap="tapUJZDEGXD-0", mac="6a:1f:3c:88:0d:42")],
-        kernel=f"{boot}/vmlinuz",
-        initrd=f"{boot}/initrd.img",
-        cmdline=STATIC_CMDLINE,
+        nics=[NIC],
+        boot=Boot(kernel=f"{boot}/vmlinuz", initrd=f"{boot}/initrd.img", cmdline=STATIC_CMDLINE),
         tuning=TUNING,
     )
     assert config_errors(config) == []

@@ -17,17 +17,18 @@ from pydantic import ValidationError
 
 from cocoonplan import __version__
 from cocoonplan.document import read_documents
-from cocoonplan.errors import CocoonplanError, SpecError
+from cocoonplan.errors import CocoonplanError, SpecError, StateError
 from cocoonplan.lock import LockedDigests, LockEntry, LockFile, RefKind, encode_lock, read_lock
+from cocoonplan.observed import NodeState, ObservedVM
 from cocoonplan.oci.reference import parse_reference
 from cocoonplan.oci.sources import open_sources
 from cocoonplan.planner import Plan, PlanInput, make_plan
 from cocoonplan.planner.model import Diagnostic, LockChange
 from cocoonplan.project import LOCK_FILE, PROJECT_FILE, Project, ProjectContext
-from cocoonplan.resolved import ResolvedVM
+from cocoonplan.resolved import NodeView, ResolvedVM, RunningBase
 from cocoonplan.resolvers.content import Content
 from cocoonplan.resolvers.image import BootScanner, resolve_image
-from cocoonplan.resolvers.node import present_layers
+from cocoonplan.resolvers.node import DEFAULT_ROOT_DIR, present_layers, read_node_root, read_node_state
 from cocoonplan.resolvers.pins import Pinner
 from cocoonplan.resolvers.snapshot import resolve_snapshot
 from cocoonplan.spec import LoadedSpec, check_unique, load_specs
@@ -128,18 +129,66 @@ def _lock_path(context: ProjectContext) -> tuple[Path, str]:
     return path, _display(path, context.directory)
 
 
-def _state_dir(context: ProjectContext, node: str) -> Path | None:
-    state = context.project.nodes[node].state
-    return context.resolve(state) if state else None
+def read_nodes(context: ProjectContext, names: Sequence[str]) -> dict[str, NodeState | None]:
+    """The state of each named node, from the project's ``state:``; None where none is given.
+
+    Unreadable or inconsistent state raises StateError: a plan never guesses what runs.
+    """
+    states: dict[str, NodeState | None] = {}
+    for name in names:
+        node = context.project.nodes[name]
+        states[name] = (
+            read_node_state(context.resolve(node.state), node.root_dir, node.run_dir) if node.state else None
+        )
+    return states
+
+
+def running_base(vm: ObservedVM, state: NodeState, content: Content) -> RunningBase:
+    """The image a VM on the node was made from, by the digest its record holds (never by tag).
+
+    The node's own images.json is asked first; otherwise the manifest is fetched by digest.
+    """
+    digest = vm.settings.image_digest
+    image = next((i for i in state.images if i.manifest_digest == digest), None)
+    if image is not None:
+        return RunningBase(ref=image.ref, digest=image.manifest_digest, layers=image.layers)
+    if not digest or not vm.settings.image:
+        raise StateError(f"VM {vm.name} ({vm.id}) records no image digest, so its layers cannot be checked")
+    ref = parse_reference(vm.settings.image).with_digest(digest)
+    manifest = content.manifest(ref, digest)
+    return RunningBase(
+        ref=vm.settings.image, digest=manifest.digest, layers=tuple(m.digest for m in manifest.layers)
+    )
+
+
+def _node_views(
+    states: dict[str, NodeState | None], content: Content
+) -> tuple[dict[str, NodeView], list[Diagnostic]]:
+    views: dict[str, NodeView] = {}
+    warnings: list[Diagnostic] = []
+    for name, state in states.items():
+        bases: dict[str, RunningBase] = {}
+        for vm in state.vms if state else ():
+            try:
+                bases[vm.id] = running_base(vm, state, content)  # type: ignore[arg-type]
+            except CocoonplanError as exc:
+                warnings.append(
+                    Diagnostic(
+                        summary=f"layer drift of VM {vm.name} on {name} not checked: {exc.summary}",
+                        vm=vm.name,
+                    )
+                )
+        views[name] = NodeView(name=name, state=state, bases=bases)
+    return views, warnings
 
 
 def _resolve_vm(
-    loaded: LoadedSpec, content: Content, pinner: Pinner, scanner: BootScanner, context: ProjectContext
+    loaded: LoadedSpec, content: Content, pinner: Pinner, scanner: BootScanner, state: NodeState | None
 ) -> ResolvedVM:
     body = loaded.spec.spec
     source = pinner.pin(body.snapshot or body.image or "")
     ref = parse_reference(source.ref).with_digest(source.digest)
-    present = present_layers(_state_dir(context, body.node))
+    present = present_layers(state)
     expected = pinner.pin(body.expect.base_image) if body.expect and body.expect.base_image else None
     if body.snapshot is not None:
         snapshot = resolve_snapshot(content, ref, source.ref)
@@ -148,44 +197,47 @@ def _resolve_vm(
 
 
 def plan(
-    paths: Sequence[Path], environment: Environment, *, locked: bool = False, update_lock: bool = False
+    paths: Sequence[Path],
+    environment: Environment,
+    *,
+    locked: bool = False,
+    update_lock: bool = False,
+    refresh_only: bool = False,
 ) -> Plan:
-    """Plan every VM under ``paths``. Spec errors raise; a VM that fails to resolve or plan
-    becomes an entry in ``Plan.errors`` while the others are still planned."""
+    """Plan every VM under ``paths`` against its node.
+
+    Spec, project and node-state errors raise; a VM that fails to resolve or plan becomes an
+    entry in ``Plan.errors`` while the others are still planned. Every node of the project
+    is read, so that a VM whose spec was removed can be deleted (only if cocoonplan made it).
+    """
     context, specs = load_all(paths, environment)
     lock_path, lock_display = _lock_path(context)
     lock = read_lock(lock_path, lock_display)
+    states = read_nodes(context, sorted(context.project.nodes))
     inputs: list[PlanInput] = []
     errors: list[Diagnostic] = []
-    with environment.http() as client:
-        sources = open_sources(context, client, environment.env)
-        try:
-            content = Content(sources)
-            pinner = Pinner(content, lock, lock_display, locked=locked, update=update_lock)
-            scanner = BootScanner(content, context.resolve(context.project.cache))
-            for loaded in specs:
-                try:
-                    resolved = _resolve_vm(loaded, content, pinner, scanner, context)
-                except CocoonplanError as exc:
-                    errors.append(
-                        Diagnostic(
-                            summary=exc.summary,
-                            detail=exc.detail,
-                            hint=exc.hint,
-                            vm=loaded.spec.name,
-                            file=loaded.file,
-                        )
-                    )
-                    continue
-                inputs.append(
-                    PlanInput(
-                        loaded=loaded, resolved=resolved, node=context.project.nodes[loaded.spec.spec.node]
-                    )
-                )
-        finally:
-            sources.close()
+    with environment.http() as client, open_sources(context, client, environment.env) as sources:
+        content = Content(sources)
+        pinner = Pinner(content, lock, lock_display, locked=locked, update=update_lock)
+        scanner = BootScanner(content, context.resolve(context.project.cache))
+        for loaded in specs:
+            node = loaded.spec.spec.node
+            try:
+                resolved = _resolve_vm(loaded, content, pinner, scanner, states[node])
+            except CocoonplanError as exc:
+                errors.append(Diagnostic.from_error(exc, vm=loaded.spec.name, file=loaded.file))
+                continue
+            inputs.append(PlanInput(loaded=loaded, resolved=resolved, node=context.project.nodes[node]))
+        views, warnings = _node_views(states, content)
     return make_plan(
-        inputs, tool_version=__version__, lock_changes=tuple(pinner.changes.values()), errors=errors
+        inputs,
+        nodes=views,
+        tool_version=__version__,
+        scope=[_display(environment.cwd / p, context.directory) for p in paths] or ["."],
+        refresh_only=refresh_only,
+        lock_changes=tuple(pinner.changes.values()),
+        errors=errors,
+        warnings=warnings,
     )
 
 
@@ -208,31 +260,27 @@ def lock(paths: Sequence[Path], environment: Environment, *, update: bool = Fals
     lock_path, lock_display = _lock_path(context)
     old = read_lock(lock_path, lock_display)
     entries: dict[str, LockEntry] = {}
-    with environment.http() as client:
-        sources = open_sources(context, client, environment.env)
-        try:
-            content = Content(sources)
-            pinner = Pinner(content, old, lock_display, update=update)
-            for loaded in specs:
-                body = loaded.spec.spec
-                wanted = [
-                    (body.snapshot or body.image or "", RefKind.SNAPSHOT if body.snapshot else RefKind.IMAGE)
-                ]
-                if body.expect and body.expect.base_image:
-                    wanted.append((body.expect.base_image, RefKind.IMAGE))
-                for original, kind in wanted:
-                    pinned = pinner.pin(original)
-                    base = None
-                    if kind is RefKind.SNAPSHOT:
-                        ref = parse_reference(original).with_digest(pinned.digest)
-                        base = resolve_snapshot(content, ref, original).config.image_digest
-                    entries[original] = LockEntry(
-                        original=original,
-                        kind=kind,
-                        locked=LockedDigests(digest=pinned.digest, base_image_digest=base),
-                    )
-        finally:
-            sources.close()
+    with environment.http() as client, open_sources(context, client, environment.env) as sources:
+        content = Content(sources)
+        pinner = Pinner(content, old, lock_display, update=update)
+        for loaded in specs:
+            body = loaded.spec.spec
+            wanted = [
+                (body.snapshot or body.image or "", RefKind.SNAPSHOT if body.snapshot else RefKind.IMAGE)
+            ]
+            if body.expect and body.expect.base_image:
+                wanted.append((body.expect.base_image, RefKind.IMAGE))
+            for original, kind in wanted:
+                pinned = pinner.pin(original)
+                base = None
+                if kind is RefKind.SNAPSHOT:
+                    ref = parse_reference(original).with_digest(pinned.digest)
+                    base = resolve_snapshot(content, ref, original).config.image_digest
+                entries[original] = LockEntry(
+                    original=original,
+                    kind=kind,
+                    locked=LockedDigests(digest=pinned.digest, base_image_digest=base),
+                )
     new = LockFile(references=tuple(entries.values()))
     removed = tuple(sorted(e.original for e in old.references if e.original not in entries))
     text = encode_lock(new)
@@ -246,3 +294,15 @@ def lock(paths: Sequence[Path], environment: Environment, *, update: bool = Fals
 def validate(paths: Sequence[Path], environment: Environment) -> list[LoadedSpec]:
     """Validate every spec under ``paths`` offline; raises the first error found."""
     return load_all(paths, environment)[1]
+
+
+def export_state(
+    root: Path, environment: Environment, root_dir: str | None = None, run_dir: str | None = None
+) -> NodeState:
+    """Read the cocoon root found at ``root`` (relative to the working directory) for export.
+
+    ``root_dir`` and ``run_dir`` are the node's own ``--root-dir`` (default ``/var/lib/cocoon``)
+    and ``--run-dir`` (default ``<root_dir>/run``): the paths its records hold. Raises
+    StateError when the root cannot be read or contradicts itself; nothing is written.
+    """
+    return read_node_root(environment.cwd / root, root_dir or DEFAULT_ROOT_DIR, run_dir)

@@ -18,6 +18,7 @@ from cocoonplan.gitops import differences, write_tree
 from cocoonplan.planfile import read_plan, write_plan
 from cocoonplan.planner.model import Plan
 from cocoonplan.render import plan_document, render_human, render_json, render_markdown
+from cocoonplan.resolvers.node import DEFAULT_ROOT_DIR, encode_state
 from cocoonplan.schemas import generate as generate_schemas
 
 app = typer.Typer(
@@ -85,10 +86,13 @@ def plan(
     locked: Annotated[
         bool, typer.Option("--locked", help="Fail when the lock file lacks an entry or a tag moved.")
     ] = False,
+    refresh_only: Annotated[
+        bool, typer.Option("--refresh-only", help="Report drift on the nodes only; propose no change.")
+    ] = False,
 ) -> None:
-    """Resolve specs and show what would change, Terraform style."""
+    """Resolve specs and show what would change on the nodes, Terraform style."""
     try:
-        result = api.plan(paths, _environment(), locked=locked)
+        result = api.plan(paths, _environment(), locked=locked, refresh_only=refresh_only)
     except CocoonplanError as exc:
         raise _fail(exc) from exc
     _print_plan(result, as_json, as_markdown)
@@ -190,6 +194,31 @@ def _stale(path: Path, text: str, *, write: bool) -> bool:
 def version() -> None:
     """Print the cocoonplan version."""
     typer.echo(__version__)
+
+
+state_app = typer.Typer(
+    help="Read what a cocoon node runs and holds, for planning without access to it.",
+    no_args_is_help=True,
+)
+app.add_typer(state_app, name="state")
+
+
+@state_app.command("export")
+def state_export(
+    root: Annotated[Path, typer.Option("--root", help="The node's cocoon root directory, or a copy of it.")],
+    root_dir: Annotated[
+        str, typer.Option("--root-dir", help="The node's cocoon --root-dir: where its records say files are.")
+    ] = DEFAULT_ROOT_DIR,
+    run_dir: Annotated[
+        str | None, typer.Option("--run-dir", help="The node's cocoon --run-dir [default: <root-dir>/run].")
+    ] = None,
+) -> None:
+    """Print the node's state document (JSON) for a project's `state:`; no secrets, no local paths."""
+    try:
+        state = api.export_state(root, _environment(), root_dir, run_dir)
+    except CocoonplanError as exc:
+        raise _fail(exc) from exc
+    sys.stdout.write(encode_state(state))
 
 
 def main() -> None:

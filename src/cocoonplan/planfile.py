@@ -20,7 +20,7 @@ def write_plan(plan: Plan, path: Path) -> None:
 
 
 def read_plan(path: Path) -> Plan:
-    """Read a plan document, refusing other format versions and malformed files."""
+    """Read a plan document, refusing other format versions, malformed files and edited ones."""
     try:
         data = json.loads(path.read_bytes())
     except (OSError, ValueError) as exc:
@@ -34,6 +34,13 @@ def read_plan(path: Path) -> Plan:
             hint="re-run `cocoonplan plan --out` with this version",
         )
     try:
-        return Plan.model_validate(data)
+        plan = Plan.model_validate(data)
     except ValidationError as exc:
         raise PlanFormatError(f"{path}: not a valid plan document", detail=str(exc)) from exc
+    if plan.digest != plan.content_digest():
+        raise PlanFormatError(
+            f"{path}: the plan's content does not match its digest {plan.digest}",
+            detail=f"its content hashes to {plan.content_digest()}",
+            hint="the file was edited after `cocoonplan plan --out` wrote it; plan again",
+        )
+    return plan

@@ -12,6 +12,7 @@ from pydantic import Field
 
 from cocoonplan.cocoon import SnapshotConfig, SnapshotMeta
 from cocoonplan.model import Digest, Model
+from cocoonplan.observed import NodeState
 
 
 class BlobRef(Model):
@@ -78,3 +79,23 @@ class ResolvedVM(Model):
     """``expect.baseImage``, resolved to a manifest digest through the lock."""
     present_blobs: frozenset[str] = frozenset()
     """Layer hexes whose EROFS conversion already exists on the node."""
+
+
+class RunningBase(Model):
+    """The image a VM on the node was made from (its record's ``image_digest``), with its layers."""
+
+    ref: str
+    """The image reference the VM record names: a label."""
+    digest: Digest
+    layers: tuple[Digest, ...]
+    """Bottom first: what ``cocoon-layer0..N`` of the VM must be."""
+
+
+class NodeView(Model):
+    """One node as the planner sees it."""
+
+    name: str
+    state: NodeState | None
+    """None when the project gives no state for the node: every VM is then created."""
+    bases: dict[str, RunningBase] = Field(default_factory=dict)
+    """By VM ID: the base each running VM must be on; a VM missing here cannot be checked for layer drift."""

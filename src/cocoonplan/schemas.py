@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from cocoonplan.lock import LockFile
+from cocoonplan.observed import NodeState
 from cocoonplan.planner.model import Plan
 from cocoonplan.project import Project
 from cocoonplan.spec import VMSpec
@@ -21,6 +22,7 @@ _MODELS: dict[str, tuple[type[BaseModel], str]] = {
     "project.schema.json": (Project, "validation"),
     "lock.schema.json": (LockFile, "validation"),
     "plan.schema.json": (Plan, "serialization"),
+    "state.schema.json": (NodeState, "validation"),
 }
 
 

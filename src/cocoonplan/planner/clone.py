@@ -10,14 +10,17 @@ from __future__ import annotations
 from cocoonplan.cocoon import DEFAULT_QUEUE_SIZE, DiskRole, StorageConfig, vm_run_dir
 from cocoonplan.errors import PlanError
 from cocoonplan.planner.hypervisor import Tuning, build_cmdline, clone_launch_command, patch_clone_config
+from cocoonplan.planner.identity import Identity
 from cocoonplan.planner.layers import check_snapshot_layers
-from cocoonplan.planner.model import Action, BlobKind, Mode, PlannedBlob, PlannedDisk, VMPlan
+from cocoonplan.planner.model import BlobKind, DesiredVM, Mode, PlannedBlob
+from cocoonplan.planner.parts import layer_blobs, planned_disks
 from cocoonplan.project import NodeConfig
-from cocoonplan.resolved import BlobRef, PinnedRef, ResolvedSnapshot
+from cocoonplan.resolved import PinnedRef, ResolvedSnapshot
 from cocoonplan.spec import LoadedSpec
 
 
-def _at_least(vm: str, field: str, wanted: int | None, snapshot_value: int) -> int:
+def at_least(vm: str, field: str, wanted: int | None, snapshot_value: int) -> int:
+    """The clone's value of ``field``: the spec's, never below the snapshot's, else the snapshot's."""
     # cocoon v0.3.8 refuses clone values below the snapshot's: the guest already runs with them.
     if wanted is None:
         return snapshot_value
@@ -27,6 +30,11 @@ def _at_least(vm: str, field: str, wanted: int | None, snapshot_value: int) -> i
             hint=f"a clone keeps at least the snapshot's {field}; raise it or leave it unset",
         )
     return wanted
+
+
+def clone_nic_count(loaded: LoadedSpec, snapshot: ResolvedSnapshot) -> int:
+    """NICs a clone gets: the spec's ``nics`` (at least the snapshot's), else the snapshot's."""
+    return at_least(loaded.spec.name, "nics", loaded.spec.spec.nics, snapshot.config.nics)
 
 
 def _clone_path(config: StorageConfig, run_dir: str) -> str:
@@ -45,23 +53,22 @@ def _file_digest(snapshot: ResolvedSnapshot, config: StorageConfig) -> str | Non
     return next((f.digest for f in snapshot.files if f.title == basename), None)
 
 
-def _layer_blobs(
-    snapshot: ResolvedSnapshot, hexes: tuple[str, ...], present: frozenset[str]
-) -> list[PlannedBlob]:
-    assert snapshot.base_image is not None  # check_snapshot_layers refuses a snapshot without one
-    by_digest: dict[str, BlobRef] = {layer.digest: layer for layer in snapshot.base_image.layers}
-    return [
-        PlannedBlob(
-            digest=ref.digest,
-            size=ref.size,
-            media_type=ref.media_type,
-            source=ref.source,
-            present=hex_ in present,
-            kind=BlobKind.LAYER,
+def _check_files(snapshot: ResolvedSnapshot, vm: str) -> None:
+    # cocoon's validateSnapshotIntegrity: writable disk files, state.json and memory must exist.
+    titles = {f.title for f in snapshot.files}
+    wanted = {
+        c.path.rsplit("/", 1)[-1]
+        for c in snapshot.meta.storage_configs
+        if c.role in (DiskRole.COW, DiskRole.DATA)
+    }
+    missing = sorted(wanted - titles) + ([] if "state.json" in titles else ["state.json"])
+    if not any(t and t.startswith("memory-range") for t in titles):
+        missing.append("memory-ranges")
+    if missing:
+        raise PlanError(
+            f"VM {vm}: snapshot {snapshot.pinned.ref}@{snapshot.pinned.digest} lacks {', '.join(missing)}",
+            hint="cocoon refuses to clone an incomplete snapshot; re-push it",
         )
-        for hex_ in hexes
-        for ref in (by_digest[f"sha256:{hex_}"],)
-    ]
 
 
 def plan_clone(
@@ -69,26 +76,21 @@ def plan_clone(
     snapshot: ResolvedSnapshot,
     expected_base: PinnedRef | None,
     node: NodeConfig,
-    vm_id: str,
+    identity: Identity,
     present: frozenset[str],
-) -> VMPlan:
-    """Plan a clone of ``snapshot``; raises LayerMismatchError when its layer records disagree."""
+) -> DesiredVM:
+    """The VM a clone of ``snapshot`` gives; raises LayerMismatchError when its layer records disagree."""
     spec = loaded.spec
     body = spec.spec
     hexes = check_snapshot_layers(snapshot, expected_base, node.root_dir, spec.name)
+    _check_files(snapshot, spec.name)
     recorded = snapshot.config
-    cpu = _at_least(spec.name, "cpu", body.cpu, recorded.cpu)
-    memory = _at_least(spec.name, "memory", body.memory, recorded.memory)
-    storage = _at_least(spec.name, "storage", body.storage, recorded.storage)
-    nics = _at_least(spec.name, "nics", body.nics, recorded.nics)
-    run_dir = vm_run_dir(node.effective_run_dir, vm_id)
-    disks = [
-        config.model_copy(update={"path": _clone_path(config, run_dir)})
-        for config in snapshot.meta.storage_configs
-    ]
+    run_dir = vm_run_dir(node.effective_run_dir, identity.vm_id)
+    sources = snapshot.meta.storage_configs
+    disks = [config.model_copy(update={"path": _clone_path(config, run_dir)}) for config in sources]
     tuning = Tuning(
-        cpu=cpu,
-        memory=memory,
+        cpu=at_least(spec.name, "cpu", body.cpu, recorded.cpu),
+        memory=at_least(spec.name, "memory", body.memory, recorded.memory),
         host_cpus=node.cpus,
         queue_size=body.queue_size or DEFAULT_QUEUE_SIZE,
         disk_queue_size=body.disk_queue_size or DEFAULT_QUEUE_SIZE,
@@ -96,7 +98,10 @@ def plan_clone(
         hugepages=node.hugepages,
         windows=recorded.windows,
     )
-    blobs = _layer_blobs(snapshot, hexes, present)
+    base = snapshot.base_image
+    assert base is not None  # check_snapshot_layers refuses a snapshot without one
+    by_digest = {layer.digest: layer for layer in base.layers}
+    blobs = layer_blobs((by_digest[f"sha256:{h}"] for h in hexes), present)
     blobs += [
         PlannedBlob(
             digest=f.digest,
@@ -109,37 +114,25 @@ def plan_clone(
         )
         for f in snapshot.files
     ]
-    base = snapshot.base_image
-    return VMPlan(
+    digests = [
+        f"sha256:{hexes[i]}" if d.role is DiskRole.LAYER else _file_digest(snapshot, d)
+        for i, d in enumerate(sources)
+    ]
+    return DesiredVM(
         name=spec.name,
         node=body.node,
         mode=Mode.CLONE,
-        action=Action.CREATE,
-        reason="no VM of this name runs on the node",
         spec_file=loaded.file,
-        vm_id=vm_id,
+        vm_id=identity.vm_id,
         source=snapshot.pinned,
-        base_image=PinnedRef(ref=recorded.image or base.repository, digest=base.pinned.digest)
-        if base
-        else None,
-        cpu=cpu,
-        memory=memory,
-        storage=storage,
-        nics=nics,
+        base_image=PinnedRef(ref=recorded.image or base.repository, digest=base.pinned.digest),
+        cpu=tuning.cpu,
+        memory=tuning.memory,
+        storage=at_least(spec.name, "storage", body.storage, recorded.storage),
+        nics=len(identity.nics),
         blobs=tuple(blobs),
-        fetch_bytes=sum(b.size for b in blobs if not b.present),
-        disks=tuple(
-            PlannedDisk(
-                index=i,
-                serial=d.serial,
-                role=d.role,
-                path=d.path,
-                readonly=d.ro,
-                digest=f"sha256:{hexes[i]}" if d.role is DiskRole.LAYER else _file_digest(snapshot, source),
-            )
-            for i, (d, source) in enumerate(zip(disks, snapshot.meta.storage_configs, strict=True))
-        ),
+        disks=planned_disks(disks, digests),
         config=patch_clone_config(snapshot.ch_config, disks, tuning, f"{run_dir}/console.sock"),
-        cmdline=build_cmdline(len(hexes), spec.name, nics),
+        cmdline=build_cmdline(len(hexes), spec.name, identity.nics, node.dns),
         launch=clone_launch_command(f"{run_dir}/api.sock"),
     )

@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-from cocoonplan.errors import CocoonplanError
+from cocoonplan.errors import CocoonplanError, PlanError
 from cocoonplan.model import Model
-from cocoonplan.planner.clone import plan_clone
-from cocoonplan.planner.identity import planned_vm_id
-from cocoonplan.planner.model import Action, Diagnostic, LockChange, Plan, Summary, VMPlan
-from cocoonplan.planner.run import plan_run
+from cocoonplan.observed import ObservedVM
+from cocoonplan.planner.clone import clone_nic_count, plan_clone
+from cocoonplan.planner.diff import diff_vm, observed_disk, replace_paths
+from cocoonplan.planner.drift import drift_of
+from cocoonplan.planner.identity import identity_for
+from cocoonplan.planner.model import (
+    Action,
+    DesiredVM,
+    Diagnostic,
+    LockChange,
+    Mode,
+    Plan,
+    Summary,
+    VMPlan,
+)
+from cocoonplan.planner.run import plan_run, run_nic_count
 from cocoonplan.project import NodeConfig
-from cocoonplan.resolved import ResolvedVM
+from cocoonplan.resolved import NodeView, PinnedRef, ResolvedVM
 from cocoonplan.spec import LoadedSpec
 
 
@@ -23,27 +35,135 @@ class PlanInput(Model):
     node: NodeConfig
 
 
-def plan_vm(item: PlanInput) -> VMPlan:
-    """Plan one VM; raises PlanError (or LayerMismatchError) when it cannot be planned."""
+def compile_vm(item: PlanInput, running: ObservedVM | None) -> DesiredVM:
+    """The desired VM of one spec, keeping a running VM's ID and NICs; raises PlanError."""
     spec = item.loaded.spec
-    vm_id = planned_vm_id(spec.spec.node, spec.name)
     resolved = item.resolved
     if resolved.snapshot is not None:
+        nics = clone_nic_count(item.loaded, resolved.snapshot)
+        identity = identity_for(spec.spec.node, spec.name, nics, running)
         return plan_clone(
-            item.loaded, resolved.snapshot, resolved.expected_base, item.node, vm_id, resolved.present_blobs
+            item.loaded,
+            resolved.snapshot,
+            resolved.expected_base,
+            item.node,
+            identity,
+            resolved.present_blobs,
         )
     assert resolved.image is not None  # a spec names exactly one of snapshot or image
-    return plan_vm_run(item, vm_id)
+    identity = identity_for(spec.spec.node, spec.name, run_nic_count(item.loaded), running)
+    return plan_run(item.loaded, resolved.image, item.node, identity, resolved.present_blobs)
 
 
-def plan_vm_run(item: PlanInput, vm_id: str) -> VMPlan:
-    """Plan a run-mode VM."""
-    assert item.resolved.image is not None
-    return plan_run(item.loaded, item.resolved.image, item.node, vm_id, item.resolved.present_blobs)
+def _fetch_bytes(desired: DesiredVM) -> int:
+    return sum(b.size for b in desired.blobs if not b.present)
+
+
+def decide(desired: DesiredVM, view: NodeView, refresh_only: bool) -> VMPlan:
+    """Compare a desired VM with the node: create, replace or no-op, with changes and drift."""
+    running = view.state.vm_named(desired.name) if view.state else None
+    base = desired.model_dump()
+    if running is None:
+        return VMPlan(
+            **base,
+            action=Action.CREATE,
+            reason="no VM of this name runs on the node",
+            fetch_bytes=_fetch_bytes(desired),
+        )
+    images = view.state.images if view.state else ()
+    drift = drift_of(running, view.bases.get(running.id), images)
+    changes = () if refresh_only else diff_vm(desired, running)
+    paths = replace_paths(changes)
+    if not changes:
+        return VMPlan(
+            **base,
+            action=Action.NO_OP,
+            reason="refresh only: drift is reported, nothing is changed"
+            if refresh_only
+            else "the node runs this VM as planned",
+            drift=drift,
+            observed_fingerprint=running.fingerprint(),
+            fetch_bytes=0,
+        )
+    return VMPlan(
+        **base,
+        action=Action.REPLACE,
+        reason=f"{', '.join(paths)} differ on the node, and cocoon cannot change a VM in place",
+        replace_paths=paths,
+        changes=changes,
+        drift=drift,
+        observed_fingerprint=running.fingerprint(),
+        fetch_bytes=_fetch_bytes(desired),
+    )
+
+
+def delete_plan(vm: ObservedVM, node: str) -> VMPlan:
+    """The plan to delete a VM cocoonplan created and no spec defines any more."""
+    assert vm.owner is not None  # only owned VMs are ever deleted
+    return VMPlan(
+        name=vm.name,
+        node=node,
+        mode=Mode.CLONE if vm.runtime_meta is not None else Mode.RUN,
+        spec_file=vm.owner.spec_file,
+        vm_id=vm.id,
+        source=PinnedRef(ref=vm.settings.image or vm.name, digest=vm.owner.source),
+        base_image=None,
+        cpu=vm.settings.cpu,
+        memory=vm.settings.memory,
+        storage=vm.settings.storage,
+        nics=len(vm.nics),
+        blobs=(),
+        disks=tuple(observed_disk(i, c) for i, c in enumerate(vm.storage_configs)),
+        config=vm.runtime_config or {},
+        cmdline=vm.boot_config.cmdline or "" if vm.boot_config else "",
+        launch=vm.launch or "",
+        action=Action.DELETE,
+        reason=f"cocoonplan created it from {vm.owner.spec_file}, which no longer defines it",
+        observed_fingerprint=vm.fingerprint(),
+        fetch_bytes=0,
+    )
+
+
+def _in_scope(spec_file: str | None, scope: Sequence[str]) -> bool:
+    if spec_file is None:
+        return False
+    return any(p == "." or spec_file == p or spec_file.startswith(p.rstrip("/") + "/") for p in scope)
+
+
+def unclaimed(
+    view: NodeView, defined: set[str], scope: Sequence[str]
+) -> tuple[list[VMPlan], list[Diagnostic]]:
+    """VMs on the node no spec defines: deletes for those cocoonplan created from a planned file,
+    a warning for each VM it did not create (never touched)."""
+    deletes: list[VMPlan] = []
+    warnings: list[Diagnostic] = []
+    for vm in view.state.vms if view.state else ():
+        if vm.name in defined:
+            continue
+        if vm.owner is None:
+            warnings.append(
+                Diagnostic(
+                    summary=f"VM {vm.name} ({vm.id}) on node {view.name} was not created by cocoonplan; left alone",
+                    vm=vm.name,
+                )
+            )
+        elif _in_scope(vm.owner.spec_file, scope):
+            deletes.append(delete_plan(vm, view.name))
+    return deletes, warnings
+
+
+def _foreign(item: PlanInput, view: NodeView) -> PlanError | None:
+    running = view.state.vm_named(item.loaded.spec.name) if view.state else None
+    if running is None or running.owner is not None:
+        return None
+    return PlanError(
+        f"VM {running.name} ({running.id}) already runs on node {view.name} and was not created by cocoonplan",
+        hint="cocoonplan replaces or deletes only VMs it created: remove that VM with `cocoon vm rm`, or rename the spec",
+    )
 
 
 def summarize(vms: Sequence[VMPlan], errors: Sequence[Diagnostic]) -> Summary:
-    """Count actions, and the blobs and bytes to fetch (each blob once per node)."""
+    """Counts of actions and drift, and the blobs and bytes to fetch (each blob once per node)."""
     counts = {action: 0 for action in Action}
     fetch: dict[tuple[str, str], int] = {}
     for vm in vms:
@@ -61,37 +181,57 @@ def summarize(vms: Sequence[VMPlan], errors: Sequence[Diagnostic]) -> Summary:
         fetch_bytes=sum(fetch.values()),
         fetch_blobs=len(fetch),
         errors=len(errors),
+        drifted=sum(1 for vm in vms if vm.drift),
     )
 
 
 def make_plan(
     inputs: Sequence[PlanInput],
     *,
+    nodes: Mapping[str, NodeView],
     tool_version: str,
+    scope: Sequence[str] = (".",),
+    refresh_only: bool = False,
     lock_changes: Sequence[LockChange] = (),
     errors: Sequence[Diagnostic] = (),
+    warnings: Sequence[Diagnostic] = (),
 ) -> Plan:
-    """Plan every VM; a VM that cannot be planned becomes an error entry, the others still plan."""
+    """Plan every VM against its node; a VM that cannot be planned becomes an error entry.
+
+    ``scope`` are the planned paths (relative to the project): a VM cocoonplan created from
+    a spec file inside them that no spec defines any more is deleted. A refresh-only plan
+    lists the VMs on the nodes with their drift and proposes nothing.
+    """
     vms: list[VMPlan] = []
     diagnostics = list(errors)
+    notes = list(warnings)
+    defined: dict[str, set[str]] = {name: set() for name in nodes}
     for item in inputs:
+        spec = item.loaded.spec
+        view = nodes[spec.spec.node]
+        defined[view.name].add(spec.name)
         try:
-            vms.append(plan_vm(item))
+            foreign = _foreign(item, view)
+            if foreign is not None:
+                raise foreign
+            running = view.state.vm_named(spec.name) if view.state else None
+            if refresh_only and running is None:
+                continue
+            vms.append(decide(compile_vm(item, running), view, refresh_only))
         except CocoonplanError as exc:
-            diagnostics.append(
-                Diagnostic(
-                    summary=exc.summary,
-                    detail=exc.detail,
-                    hint=exc.hint,
-                    vm=item.loaded.spec.name,
-                    file=item.loaded.file,
-                )
-            )
+            diagnostics.append(Diagnostic.from_error(exc, vm=spec.name, file=item.loaded.file))
+    for view in nodes.values():
+        deletes, foreign_warnings = unclaimed(view, defined[view.name], scope)
+        vms += [] if refresh_only else deletes
+        notes += foreign_warnings
     vms.sort(key=lambda vm: (vm.node, vm.name))
-    return Plan(
+    plan = Plan(
         tool_version=tool_version,
+        refresh_only=refresh_only,
         vms=tuple(vms),
         lock_changes=tuple(sorted(lock_changes, key=lambda c: c.ref)),
         errors=tuple(diagnostics),
+        warnings=tuple(notes),
         summary=summarize(vms, diagnostics),
     )
+    return plan.model_copy(update={"digest": plan.content_digest()})

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cocoonplan.cocoon import COW_SERIAL, DEFAULT_QUEUE_SIZE, StorageConfig, layer_serial
+from cocoonplan.planner.identity import NicIdentity
 from cocoonplan.units import MIB
 
 CH_BINARY = "cloud-hypervisor"
@@ -36,18 +37,24 @@ class Tuning:
 
 
 @dataclass(frozen=True)
-class Nic:
-    """A NIC as cocoon's network backend hands it to the hypervisor."""
+class Boot:
+    """Direct kernel boot: the kernel, the initramfs and the kernel command line."""
 
-    tap: str
-    mac: str
+    kernel: str
+    initrd: str
+    cmdline: str
 
 
-def build_cmdline(layer_count: int, vm_name: str, nic_count: int) -> str:
-    """The guest kernel command line cocoon builds; ``cocoon.layers`` lists the top layer first.
+def _netmask(prefix: int) -> str:
+    mask = (0xFFFFFFFF << (32 - prefix)) & 0xFFFFFFFF if prefix else 0
+    return ".".join(str((mask >> shift) & 0xFF) for shift in (24, 16, 8, 0))
 
-    NICs from CNI/DHCP carry no ``ip=`` parameter: their addresses are assigned by the
-    network backend when the VM is created, outside the plan.
+
+def build_cmdline(layer_count: int, vm_name: str, nics: Sequence[NicIdentity], dns: Sequence[str]) -> str:
+    """The guest kernel command line cocoon builds (``buildCmdline``, §5.5).
+
+    ``cocoon.layers`` lists the top layer first (overlayfs lowerdir order). Each NIC with a
+    static address gets an ``ip=`` parameter with up to two DNS servers; DHCP NICs get none.
     """
     layers = ",".join(layer_serial(j) for j in reversed(range(layer_count)))
     parts = [
@@ -56,8 +63,14 @@ def build_cmdline(layer_count: int, vm_name: str, nic_count: int) -> str:
         f"cocoon.cow={COW_SERIAL}",
         "clocksource=kvm-clock rw",
     ]
-    if nic_count > 0:
+    if nics:
         parts.append(f"net.ifnames=0 cocoon.hostname={vm_name}")
+    for index, nic in enumerate(nics):
+        if nic.address is None:
+            continue
+        a = nic.address
+        value = f"ip={a.ip}::{a.gateway}:{_netmask(a.prefix)}:{vm_name}:eth{index}:off"
+        parts.append(":".join([value, *dns[:2]]))
     return " ".join(parts)
 
 
@@ -112,10 +125,8 @@ def launch_command(
     *,
     api_socket: str,
     disks: Sequence[StorageConfig],
-    nics: Sequence[Nic],
-    kernel: str,
-    initrd: str,
-    cmdline: str,
+    nics: Sequence[NicIdentity],
+    boot: Boot,
     tuning: Tuning,
 ) -> str:
     """The line cocoon writes to ``<run>/cmdline`` for a fresh direct-boot run (§5.7)."""
@@ -124,7 +135,7 @@ def launch_command(
     args = [CH_BINARY, "--api-socket", api_socket, "--cpus", cpus, "--memory", memory]
     if disks:
         args += ["--disk", *(disk_argument(d, tuning) for d in disks)]
-    args += ["--kernel", kernel, "--initramfs", initrd, "--cmdline", cmdline]
+    args += ["--kernel", boot.kernel, "--initramfs", boot.initrd, "--cmdline", boot.cmdline]
     if nics:
         args.append("--net")
         args += [
@@ -170,7 +181,7 @@ def _disk_config(index: int, disk: StorageConfig, tuning: Tuning) -> dict[str, A
     }
 
 
-def _net_config(device: int, nic: Nic, tuning: Tuning) -> dict[str, Any]:
+def _net_config(device: int, nic: NicIdentity, tuning: Tuning) -> dict[str, Any]:
     return {
         "tap": nic.tap,
         "ip": None,
@@ -197,10 +208,8 @@ def _net_config(device: int, nic: Nic, tuning: Tuning) -> dict[str, Any]:
 def run_config(
     *,
     disks: Sequence[StorageConfig],
-    nics: Sequence[Nic],
-    kernel: str,
-    initrd: str,
-    cmdline: str,
+    nics: Sequence[NicIdentity],
+    boot: Boot,
     tuning: Tuning,
 ) -> dict[str, Any]:
     """The VmConfig Cloud Hypervisor holds after a fresh run's launch command (§5.7).
@@ -247,7 +256,12 @@ def run_config(
         },
         "net": [_net_config(len(disks) + i, n, tuning) for i, n in enumerate(nics)] or None,
         "numa": None,
-        "payload": {"firmware": None, "kernel": kernel, "cmdline": cmdline, "initramfs": initrd},
+        "payload": {
+            "firmware": None,
+            "kernel": boot.kernel,
+            "cmdline": boot.cmdline,
+            "initramfs": boot.initrd,
+        },
         "pci_segments": None,
         "platform": None,
         "pmem": None,

@@ -12,7 +12,8 @@ from typing import Any
 from pydantic import AliasChoices, Field
 
 from cocoonplan.cocoon import DiskRole
-from cocoonplan.model import Digest, Model
+from cocoonplan.errors import CocoonplanError
+from cocoonplan.model import Digest, Model, canonical_json, sha256_digest
 from cocoonplan.resolved import PinnedRef
 
 FORMAT_VERSION = 1
@@ -84,19 +85,16 @@ class PlannedDisk(Model):
     """The layer blob (layers) or snapshot file (cloned cow/data disks) it is made from; None when created empty."""
 
 
-class VMPlan(Model):
-    """The plan for one VM."""
+class DesiredVM(Model):
+    """What a spec compiles to: the VM as it must run, before it is compared with the node."""
 
     name: str
     node: str
     mode: Mode
-    action: Action
-    reason: str
-    """Why this action, in words. For display only: apply must never branch on it."""
     spec_file: str | None
-    """Where the spec was written (relative to the project), None for a VM with no spec."""
+    """Where the spec was written (relative to the project); None for a VM no spec defines."""
     vm_id: str
-    """The cocoon VM ID the VM runs (or will run) under."""
+    """The cocoon VM ID: the running VM's, or one cocoonplan derives for a new VM."""
     source: PinnedRef
     """The snapshot (clone) or image (run) the VM comes from."""
     base_image: PinnedRef | None
@@ -106,8 +104,6 @@ class VMPlan(Model):
     storage: int
     nics: int
     blobs: tuple[PlannedBlob, ...]
-    fetch_bytes: int
-    """Bytes to download: the sum of the sizes of blobs not present."""
     disks: tuple[PlannedDisk, ...]
     config: dict[str, Any]
     """The complete Cloud Hypervisor ``config.json`` (clone: as cocoon patches it; run: the equivalent VmConfig)."""
@@ -115,6 +111,48 @@ class VMPlan(Model):
     """The guest kernel command line cocoon records (``cocoon.layers`` top layer first)."""
     launch: str
     """The ``cloud-hypervisor`` command line cocoon writes to the VM's ``cmdline`` file."""
+
+
+class Change(Model):
+    """One field that differs between the node and the plan."""
+
+    path: str
+    """Where: ``source.digest``, ``cpu``, ``disks[2]``, ``config.disks[2].path``, ``cmdline``, …"""
+    before: Any = None
+    """The node's value; None when the field is new."""
+    after: Any = None
+    """The planned value; None when the field goes away."""
+
+
+class Drift(Model):
+    """Something on the node that differs from what it should be running, whatever the spec says."""
+
+    path: str
+    """``disks[2]`` (a layer), ``config.json``, ``launch`` or ``cmdline``."""
+    expected: Any
+    """What the VM's snapshot or image (or what cocoonplan applied) says should be there; None if nothing."""
+    found: Any
+    """What the node has; None when it is missing."""
+    found_in: tuple[str, ...] = ()
+    """For an alien layer: every image on the node (images.json) that contains it."""
+    message: str
+    """The finding in words. For display only."""
+
+
+class VMPlan(DesiredVM):
+    """The plan for one VM: its desired form, the action, and why."""
+
+    action: Action
+    reason: str
+    """Why this action, in words. For display only: apply must never branch on it."""
+    replace_paths: tuple[str, ...] = ()
+    """The fields that force a replace (cocoon cannot change them on a running VM)."""
+    changes: tuple[Change, ...] = ()
+    drift: tuple[Drift, ...] = ()
+    observed_fingerprint: Digest | None = None
+    """sha256 of the VM's observed state this plan was made from; None for a VM not on the node."""
+    fetch_bytes: int
+    """Bytes to download: the sum of the sizes of blobs not present (0 unless created or replaced)."""
 
 
 class LockChange(Model):
@@ -136,6 +174,13 @@ class Diagnostic(Model):
     vm: str | None = None
     file: str | None = None
 
+    @classmethod
+    def from_error(
+        cls, error: CocoonplanError, *, vm: str | None = None, file: str | None = None
+    ) -> Diagnostic:
+        """The diagnostic of a raised error, attributed to a VM and its spec file."""
+        return cls(summary=error.summary, detail=error.detail, hint=error.hint, vm=vm, file=file)
+
 
 class Summary(Model):
     """Counts for the summary line."""
@@ -150,6 +195,7 @@ class Summary(Model):
     fetch_bytes: int = 0
     fetch_blobs: int = 0
     errors: int = 0
+    drifted: int = 0
 
 
 class Plan(Model):
@@ -157,12 +203,25 @@ class Plan(Model):
 
     format_version: int = FORMAT_VERSION
     tool_version: str
+    refresh_only: bool = False
+    """A refresh-only plan reports drift and proposes no action."""
     vms: tuple[VMPlan, ...]
     lock_changes: tuple[LockChange, ...] = ()
     errors: tuple[Diagnostic, ...] = ()
+    warnings: tuple[Diagnostic, ...] = ()
     summary: Summary
+    digest: Digest | None = None
+    """sha256 of this document's canonical JSON without this field: the plan's identity."""
 
     @property
     def has_changes(self) -> bool:
-        """Whether anything would change: an action other than no-op, or a lock change."""
-        return bool(self.lock_changes) or any(vm.action is not Action.NO_OP for vm in self.vms)
+        """Whether anything would change or drifted: an action, a lock change, or drift."""
+        return (
+            bool(self.lock_changes)
+            or any(vm.action is not Action.NO_OP for vm in self.vms)
+            or any(vm.drift for vm in self.vms)
+        )
+
+    def content_digest(self) -> str:
+        """The digest this plan must carry: over everything but ``digest`` itself."""
+        return sha256_digest(canonical_json(self.model_dump(mode="json", by_alias=True, exclude={"digest"})))

@@ -8,6 +8,7 @@ import jinja2
 
 from cocoonplan.model import short_digest
 from cocoonplan.planner.model import SYMBOLS, Action
+from cocoonplan.render.changes import change_lines
 from cocoonplan.units import format_size
 
 MARKDOWN_LIMIT = 60_000
@@ -35,6 +36,7 @@ def _environment() -> jinja2.Environment:
     env.filters["size"] = format_size
     env.filters["symbol"] = lambda a: SYMBOLS[Action(a)]
     env.filters["verb"] = lambda a: _VERBS[Action(a)]
+    env.filters["change_lines"] = change_lines
     return env
 
 

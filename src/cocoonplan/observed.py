@@ -1,0 +1,136 @@
+"""Observed state: what a cocoon node runs and holds, read from its root or an exported document.
+
+This is the document ``cocoonplan state export`` prints and what ``state:`` in the project
+file may point at, so a plan can be made in PR review without access to the node. It is
+secret-free: cocoon never persists VM users or passwords, and nothing else is copied.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from cocoonplan.cocoon import BootConfig, SnapshotMeta, StorageConfig
+from cocoonplan.model import Digest, Model, canonical_json, sha256_digest
+
+STATE_FORMAT_VERSION = 1
+OWNERSHIP_FILE = "cocoonplan/owned.json"
+"""Relative to the node's root dir: the VMs cocoonplan created there."""
+
+
+class NicAddress(Model):
+    """A static address a network backend assigned (CNI IPAM); DHCP/bridge NICs have none."""
+
+    ip: str
+    gateway: str = ""
+    prefix: int
+
+
+class ObservedNic(Model):
+    """One NIC of a VM record (cocoon's NetworkConfig)."""
+
+    tap: str
+    mac: str
+    num_queues: int = 0
+    queue_size: int = 0
+    backend: str = ""
+    network: NicAddress | None = None
+
+
+class VMSettings(Model):
+    """The ``config`` of a VM record: cocoon's VMConfig, as recorded."""
+
+    name: str
+    cpu: int = 0
+    memory: int = 0
+    storage: int = 0
+    queue_size: int = 0
+    disk_queue_size: int = 0
+    image: str = ""
+    image_digest: str = ""
+    image_type: str = ""
+    network: str = ""
+    no_direct_io: bool = False
+    windows: bool = False
+
+
+class Owner(Model):
+    """cocoonplan's record of a VM it created on the node."""
+
+    name: str
+    spec_file: str | None = None
+    """The spec file (relative to the project) that defined the VM when it was applied."""
+    source: Digest
+    """The snapshot or image manifest digest it was created from."""
+    config_sha256: Digest | None = None
+    """sha256 of the config.json written at apply (clones)."""
+    launch: str | None = None
+    """The launch line written at apply."""
+    cmdline: str | None = None
+    """The kernel cmdline recorded at apply."""
+
+
+class ObservedVM(Model):
+    """A VM on the node: its record in vms.json and the files of its run directory."""
+
+    id: str
+    name: str
+    state: str
+    hypervisor: str = ""
+    settings: VMSettings
+    storage_configs: tuple[StorageConfig, ...]
+    boot_config: BootConfig | None = None
+    nics: tuple[ObservedNic, ...] = ()
+    image_blob_ids: tuple[str, ...] = ()
+    run_dir: str = ""
+    runtime_config: dict[str, Any] | None = None
+    """``<run>/config.json`` (clones and restores only), key order kept."""
+    runtime_meta: SnapshotMeta | None = None
+    """``<run>/cocoon.json`` (clones and restores only)."""
+    launch: str | None = None
+    """``<run>/cmdline``: the launch line of the last start."""
+    owner: Owner | None = None
+    """Set when cocoonplan created this VM; None for VMs it must never touch."""
+
+    def fingerprint(self) -> Digest:
+        """sha256 of everything observed about this VM; apply refuses a plan made on another."""
+        return sha256_digest(canonical_json(self.model_dump(mode="json")))
+
+
+class ObservedImage(Model):
+    """An entry of ``oci/db/images.json``."""
+
+    ref: str
+    manifest_digest: Digest
+    layers: tuple[Digest, ...]
+    kernel_layer: Digest | None = None
+    initrd_layer: Digest | None = None
+
+
+class ObservedSnapshot(Model):
+    """An entry of ``snapshot/db/snapshots.json``."""
+
+    id: str
+    name: str = ""
+    image: str = ""
+    image_digest: str = ""
+    image_blob_ids: tuple[str, ...] = ()
+
+
+class NodeState(Model):
+    """Everything cocoonplan reads from one node; the exported state document."""
+
+    format_version: Literal[1] = 1
+    kind: Literal["cocoonplan/node-state"] = "cocoonplan/node-state"
+    root_dir: str
+    run_dir: str
+    vms: tuple[ObservedVM, ...] = ()
+    images: tuple[ObservedImage, ...] = ()
+    snapshots: tuple[ObservedSnapshot, ...] = ()
+    blobs: tuple[str, ...] = Field(default=())
+    """Hexes of the layers whose EROFS conversion exists under ``oci/blobs``."""
+
+    def vm_named(self, name: str) -> ObservedVM | None:
+        """The VM of that name on the node, if any."""
+        return next((vm for vm in self.vms if vm.name == name), None)

@@ -1,0 +1,104 @@
+"""The diff: a desired VM against the VM of the same name on the node, field by field.
+
+cocoon v0.3.8 cannot change a VM's disks, CPUs, memory or configuration in place (it has
+no ``vm update``), so any difference replaces the VM; the changed paths say why.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from deepdiff import DeepDiff
+from deepdiff.helper import notpresent
+
+from cocoonplan.cocoon import DiskRole, StorageConfig, layer_hex
+from cocoonplan.observed import ObservedVM
+from cocoonplan.planner.model import Change, DesiredVM, Mode, PlannedDisk
+
+
+def observed_disk(index: int, config: StorageConfig) -> PlannedDisk:
+    """A disk of the node's VM record in the plan's terms (layers carry their digest)."""
+    hex_ = layer_hex(config) if config.role is DiskRole.LAYER else None
+    return PlannedDisk(
+        index=index,
+        serial=config.serial,
+        role=config.role,
+        path=config.path,
+        readonly=config.ro,
+        digest=f"sha256:{hex_}" if hex_ else None,
+    )
+
+
+def _disk_view(disk: PlannedDisk) -> dict[str, Any]:
+    view = disk.model_dump(mode="json", exclude={"index"})
+    if disk.role is not DiskRole.LAYER:
+        # The node does not record which snapshot file a COW or data disk came from.
+        view.pop("digest")
+    return view
+
+
+def _path(parts: list[str | int]) -> str:
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return text
+
+
+def config_changes(before: dict[str, Any], after: dict[str, Any]) -> list[Change]:
+    """config.json leaf by leaf (``config.disks[2].path``), in document order of the paths."""
+    diff = DeepDiff(before, after, ignore_order=False, verbose_level=2)
+    found: list[tuple[tuple[tuple[int, int | str], ...], Change]] = []
+    for levels in diff.tree.values():
+        for level in levels:
+            parts = level.path(output_format="list")
+            old = None if level.t1 is notpresent else level.t1
+            new = None if level.t2 is notpresent else level.t2
+            # Sort as the document reads: disks[2] before disks[10].
+            key = tuple((0, p) if isinstance(p, int) else (1, str(p)) for p in parts)
+            found.append((key, Change(path="config" + _path(parts), before=old, after=new)))
+    return [change for _, change in sorted(found, key=lambda item: item[0])]
+
+
+def disk_changes(desired: DesiredVM, vm: ObservedVM) -> list[Change]:
+    """Disks per index: changed, added (``before`` None) or removed (``after`` None)."""
+    have = [observed_disk(i, c) for i, c in enumerate(vm.storage_configs)]
+    changes = []
+    for index in range(max(len(have), len(desired.disks))):
+        old = _disk_view(have[index]) if index < len(have) else None
+        new = _disk_view(desired.disks[index]) if index < len(desired.disks) else None
+        if old != new:
+            changes.append(Change(path=f"disks[{index}]", before=old, after=new))
+    return changes
+
+
+def diff_vm(desired: DesiredVM, vm: ObservedVM) -> tuple[Change, ...]:
+    """Every difference between the VM on the node and the desired VM; empty when they agree."""
+    changes: list[Change] = []
+    if vm.owner is not None and vm.owner.source != desired.source.digest:
+        changes.append(Change(path="source.digest", before=vm.owner.source, after=desired.source.digest))
+    settings = vm.settings
+    for field, before, after in (
+        ("cpu", settings.cpu, desired.cpu),
+        ("memory", settings.memory, desired.memory),
+        ("storage", settings.storage, desired.storage),
+        ("nics", len(vm.nics), desired.nics),
+    ):
+        if before != after:
+            changes.append(Change(path=field, before=before, after=after))
+    changes += disk_changes(desired, vm)
+    if vm.runtime_config is not None:
+        changes += config_changes(vm.runtime_config, desired.config)
+    elif desired.mode is Mode.CLONE:
+        changes.append(Change(path="config", before=None, after="(the snapshot's config.json, patched)"))
+    for name, old, new in (
+        ("cmdline", vm.boot_config.cmdline if vm.boot_config else None, desired.cmdline),
+        ("launch", vm.launch, desired.launch),
+    ):
+        if old != new:
+            changes.append(Change(path=name, before=old, after=new))
+    return tuple(changes)
+
+
+def replace_paths(changes: tuple[Change, ...]) -> tuple[str, ...]:
+    """The top-level fields that force the replace (``disks``, ``config``, ``cpu``, …)."""
+    return tuple(sorted({c.path.split(".")[0].split("[")[0] for c in changes}))

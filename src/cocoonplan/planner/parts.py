@@ -1,0 +1,33 @@
+"""The pieces every desired VM is listed with: its blobs and its disks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from cocoonplan.cocoon import StorageConfig
+from cocoonplan.model import digest_hex
+from cocoonplan.planner.model import BlobKind, PlannedBlob, PlannedDisk
+from cocoonplan.resolved import BlobRef
+
+
+def layer_blobs(layers: Iterable[BlobRef], present: frozenset[str]) -> list[PlannedBlob]:
+    """Image layers to fetch; a layer whose EROFS conversion is on the node is present."""
+    return [
+        PlannedBlob(
+            digest=ref.digest,
+            size=ref.size,
+            media_type=ref.media_type,
+            source=ref.source,
+            present=digest_hex(ref.digest) in present,
+            kind=BlobKind.LAYER,
+        )
+        for ref in layers
+    ]
+
+
+def planned_disks(disks: Sequence[StorageConfig], digests: Sequence[str | None]) -> tuple[PlannedDisk, ...]:
+    """The disks in hypervisor order, each with the blob it is made from (None when created empty)."""
+    return tuple(
+        PlannedDisk(index=i, serial=d.serial, role=d.role, path=d.path, readonly=d.ro, digest=digest)
+        for i, (d, digest) in enumerate(zip(disks, digests, strict=True))
+    )

@@ -1,0 +1,87 @@
+"""Change and drift lines for human renders, computed from the plan document alone.
+
+Disks read as ``~ disks[2] cocoon-layer2: 51189d…erofs → e91c01…erofs``; runs of added or
+removed disks collapse to ``+ disks[6..10]``; config.json changes read field by field.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+_ABBREV = 12
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    return json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(", ", ": "))
+
+
+def _file(path: str) -> str:
+    name = path.rsplit("/", 1)[-1]
+    stem, _, suffix = name.partition(".")
+    if len(stem) == 64:
+        return f"{stem[:_ABBREV]}…{suffix}"
+    return name
+
+
+def _disk(disk: dict[str, Any]) -> str:
+    return f"{disk['serial']} ({disk['role']}, {'ro' if disk['readonly'] else 'rw'}) {_file(disk['path'])}"
+
+
+def _index(path: str) -> int:
+    return int(path[len("disks[") : -1])
+
+
+def _disk_runs(changes: list[dict[str, Any]]) -> list[str]:
+    lines: list[str] = []
+    run: list[dict[str, Any]] = []
+
+    def flush() -> None:
+        if not run:
+            return
+        symbol = "+" if run[0]["before"] is None else "-"
+        first, last = _index(run[0]["path"]), _index(run[-1]["path"])
+        where = f"disks[{first}]" if first == last else f"disks[{first}..{last}]"
+        side = "after" if symbol == "+" else "before"
+        lines.append(f"{symbol} {where} {', '.join(c[side]['serial'] for c in run)}")
+        run.clear()
+
+    for change in changes:
+        before, after = change["before"], change["after"]
+        if before is not None and after is not None:
+            flush()
+            if before["serial"] == after["serial"] and before["role"] == after["role"]:
+                lines.append(
+                    f"~ {change['path']} {after['serial']}: {_file(before['path'])} → {_file(after['path'])}"
+                )
+            else:
+                lines.append(f"~ {change['path']}: {_disk(before)} → {_disk(after)}")
+            continue
+        adding = before is None
+        contiguous = bool(run) and _index(change["path"]) == _index(run[-1]["path"]) + 1
+        if run and ((run[0]["before"] is None) != adding or not contiguous):
+            flush()
+        run.append(change)
+    flush()
+    return lines
+
+
+def change_lines(changes: list[dict[str, Any]]) -> list[str]:
+    """Terraform-style lines for a VM's changes, disks collapsed, everything else field by field."""
+    disks = [c for c in changes if c["path"].startswith("disks[")]
+    lines = []
+    for change in changes:
+        if change["path"].startswith("disks["):
+            if change is disks[0]:
+                lines += _disk_runs(disks)
+            continue
+        before, after = change["before"], change["after"]
+        if before is None:
+            lines.append(f"+ {change['path']}: {_value(after)}")
+        elif after is None:
+            lines.append(f"- {change['path']}: {_value(before)}")
+        else:
+            lines.append(f"~ {change['path']}: {_value(before)} → {_value(after)}")
+    return lines
