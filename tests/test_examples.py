@@ -148,7 +148,10 @@ def test_examples_show_the_founding_bug_as_drift(document: dict[str, Any]) -> No
     missing = [d for d in clone["drift"] if d["found"] is None]
     assert [d["path"] for d in alien] == [f"disks[{i}]" for i in range(2, 6)]
     assert all(d["found_in"] == ["ghcr.io/cocoonstack/cocoon/ubuntu:24.04-xface-20260513"] for d in alien)
-    assert all("not to the snapshot's base ghcr.io/cocoonstack/cocoon/ubuntu:24.04-xface" in d["message"] for d in alien)
+    assert all(
+        "not to the snapshot's base ghcr.io/cocoonstack/cocoon/ubuntu:24.04-xface" in d["message"]
+        for d in alien
+    )
     assert [d["path"] for d in missing] == [f"disks[{i}]" for i in range(6, 11)]
     assert all(d["expected"].startswith("sha256:") for d in clone["drift"])
     run = _vm(document, "agent-run")
@@ -162,6 +165,9 @@ def test_refresh_only_reports_drift_alone(project: Path) -> None:
     assert result.exit_code == 2
     document = json.loads(result.stdout)
     assert document["refresh_only"] is True
-    assert {vm["name"]: vm["action"] for vm in document["vms"]} == {"agent-clone": "no-op", "agent-run": "no-op"}
+    assert {vm["name"]: vm["action"] for vm in document["vms"]} == {
+        "agent-clone": "no-op",
+        "agent-run": "no-op",
+    }
     assert all(vm["changes"] == [] for vm in document["vms"])
     assert len(_vm(document, "agent-clone")["drift"]) == 9
