@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 from pathlib import Path
+from types import ModuleType
 
 from typer.testing import CliRunner, Result
 
@@ -40,3 +42,12 @@ def tree(root: Path) -> dict[str, bytes]:
         p for p in root.rglob("*") if p.is_file() and ".cocoonplan" not in p.relative_to(root).parts
     )
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in files}
+
+
+def example_builder() -> ModuleType:
+    """``examples/build.py`` as a module: the seed scenario's artifacts and node VMs."""
+    spec = importlib.util.spec_from_file_location("example_build", EXAMPLES / "build.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -88,7 +88,7 @@ def decide(desired: DesiredVM, view: NodeView, refresh_only: bool) -> VMPlan:
     return VMPlan(
         **base,
         action=Action.REPLACE,
-        reason=f"{', '.join(paths)} differ on the node, and cocoon cannot change a VM in place",
+        reason=f"{', '.join(paths)} {'differs' if len(paths) == 1 else 'differ'} on the node, and cocoon cannot change a VM in place",
         replace_paths=paths,
         changes=changes,
         drift=drift,

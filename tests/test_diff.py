@@ -1,0 +1,234 @@
+"""Plans against node roots built with cocoon's real file formats (the reader is never mocked).
+
+Each case builds a node root in a temporary directory, plans the shipped example specs
+against it (content from the committed OCI layout), and pins the human and JSON renders.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from syrupy.assertion import SnapshotAssertion
+
+from clirunner import copy_examples, example_builder, run_cli, tree
+from ocifixture import OwnerRecord, node_root, snapshot, write_layout
+from snapshotext import JSONFile, TextFile
+
+build = example_builder()
+ARTIFACTS, SCENARIO_VMS = build.scenario()
+SNAP = ARTIFACTS[build.AGENT_SNAP]
+
+
+def _healthy_vms() -> list[Any]:
+    # agent-clone on the snapshot's own eleven layers; the others as in the example.
+    return [dataclasses.replace(vm, layers=None) if vm.name == "agent-clone" else vm for vm in SCENARIO_VMS]
+
+
+def _owned(**overrides: OwnerRecord | None) -> dict[str, OwnerRecord]:
+    owners = {vm_id: owner for vm_id, owner in build.owned(ARTIFACTS).items()}
+    for name, owner in overrides.items():
+        vm_id = next(vm.id for vm in SCENARIO_VMS if vm.name == name.replace("_", "-"))
+        if owner is None:
+            owners.pop(vm_id)
+        else:
+            owners[vm_id] = owner
+    return owners
+
+
+def _project(tmp_path: Path, vms: list[Any], owned: dict[str, OwnerRecord]) -> Path:
+    project = copy_examples(tmp_path / "examples")
+    shutil.rmtree(project / "node")
+    node_root(
+        project / "node",
+        images={k: v for k, v in ARTIFACTS.items() if k != build.AGENT_SNAP},
+        vms=vms,
+        owned=owned,
+    )
+    return project
+
+
+def _plan(project: Path, *extra: str) -> tuple[int, dict[str, Any]]:
+    result = run_cli(["plan", ".", "--json", *extra], project)
+    return result.exit_code, json.loads(result.stdout)
+
+
+def _vm(document: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(vm for vm in document["vms"] if vm["name"] == name)
+
+
+def _pin(
+    project: Path,
+    document: dict[str, Any],
+    snapshot_json: SnapshotAssertion,
+    snapshot_text: SnapshotAssertion,
+) -> None:
+    assert document == snapshot_json
+    assert run_cli(["plan", "."], project).stdout == snapshot_text
+
+
+@pytest.fixture
+def snapshot_json(snapshot: SnapshotAssertion) -> SnapshotAssertion:
+    return snapshot.use_extension(JSONFile)
+
+
+@pytest.fixture
+def snapshot_text(snapshot: SnapshotAssertion) -> SnapshotAssertion:
+    return snapshot.use_extension(TextFile)
+
+
+def test_healthy_clone_is_a_no_op(
+    tmp_path: Path, snapshot_json: SnapshotAssertion, snapshot_text: SnapshotAssertion
+) -> None:
+    project = _project(tmp_path, _healthy_vms(), _owned())
+    code, document = _plan(project, "--detailed-exitcode")
+    assert code == 0
+    assert {vm["name"]: vm["action"] for vm in document["vms"]} == {
+        "agent-clone": "no-op",
+        "agent-run": "no-op",
+    }
+    assert all(vm["drift"] == [] and vm["changes"] == [] for vm in document["vms"])
+    assert _vm(document, "agent-clone")["vm_id"] == build.AGENT_CLONE_ID
+    assert all(vm["observed_fingerprint"].startswith("sha256:") for vm in document["vms"])
+    _pin(project, document, snapshot_json, snapshot_text)
+
+
+def test_clone_on_the_substituted_layer_set_drifts_and_is_replaced(
+    tmp_path: Path, snapshot_json: SnapshotAssertion, snapshot_text: SnapshotAssertion
+) -> None:
+    project = _project(tmp_path, list(SCENARIO_VMS), _owned())
+    code, document = _plan(project, "--detailed-exitcode")
+    assert code == 2
+    clone = _vm(document, "agent-clone")
+    assert clone["action"] == "replace"
+    alien = [d for d in clone["drift"] if d["found"]]
+    assert len(alien) == 4 and {tuple(d["found_in"]) for d in alien} == {(build.XFACE_0513,)}
+    assert len([d for d in clone["drift"] if d["found"] is None]) == 5
+    changed = {c["path"] for c in clone["changes"]}
+    assert {f"disks[{i}]" for i in range(2, 13)} <= changed
+    assert "config.disks[2].path" in changed
+    _pin(project, document, snapshot_json, snapshot_text)
+
+
+def test_moved_snapshot_tag_replaces_old_to_new(
+    tmp_path: Path, snapshot_json: SnapshotAssertion, snapshot_text: SnapshotAssertion
+) -> None:
+    project = _project(tmp_path, _healthy_vms(), _owned())
+    source = SNAP.snapshot.vm
+    rebaked = snapshot(
+        ARTIFACTS[build.XFACE], base_ref=build.XFACE, vm=source, snapshot_id="R3BAKEDSNAPSH0TAAAAAAAAAAA"
+    )
+    write_layout(project / "oci", {**ARTIFACTS, build.AGENT_SNAP: rebaked})
+    assert run_cli(["lock", ".", "--update"], project).exit_code == 0
+    code, document = _plan(project, "--locked")
+    assert code == 0
+    clone = _vm(document, "agent-clone")
+    assert clone["action"] == "replace"
+    assert {"path": "source.digest", "before": SNAP.digest, "after": rebaked.digest} in clone["changes"]
+    assert clone["drift"] == []
+    assert "source" in clone["replace_paths"]
+    assert f'~ source.digest: "{SNAP.digest}" → "{rebaked.digest}"' in run_cli(["plan", "."], project).stdout
+    _pin(project, document, snapshot_json, snapshot_text)
+
+
+def test_removed_spec_deletes_only_what_cocoonplan_created(
+    tmp_path: Path, snapshot_json: SnapshotAssertion, snapshot_text: SnapshotAssertion
+) -> None:
+    project = _project(tmp_path, _healthy_vms(), _owned())
+    (project / "agent-run.yaml").unlink()
+    code, document = _plan(project)
+    assert code == 0
+    run = _vm(document, "agent-run")
+    assert run["action"] == "delete"
+    assert run["vm_id"] == build.AGENT_RUN_ID
+    assert "agent-run.yaml, which no longer defines it" in run["reason"]
+    assert [w["vm"] for w in document["warnings"]] == ["legacy-tool"]
+    assert "legacy-tool" not in {vm["name"] for vm in document["vms"]}
+    _pin(project, document, snapshot_json, snapshot_text)
+
+
+def test_a_foreign_vm_of_the_same_name_is_left_alone(tmp_path: Path) -> None:
+    project = _project(tmp_path, _healthy_vms(), _owned(agent_run=None))
+    (project / "agent-run.yaml").unlink()
+    code, document = _plan(project)
+    assert code == 0
+    assert "agent-run" not in {vm["name"] for vm in document["vms"]}
+    warned = {w["vm"]: w["summary"] for w in document["warnings"]}
+    assert "not created by cocoonplan; left alone" in warned["agent-run"]
+
+
+def test_a_spec_over_a_foreign_vm_is_an_error(tmp_path: Path) -> None:
+    project = _project(tmp_path, _healthy_vms(), _owned(agent_run=None))
+    code, document = _plan(project)
+    assert code == 1
+    (error,) = document["errors"]
+    assert error["vm"] == "agent-run"
+    assert "was not created by cocoonplan" in error["summary"]
+    assert "agent-run" not in {vm["name"] for vm in document["vms"]}
+
+
+def test_a_plan_only_deletes_within_the_planned_paths(tmp_path: Path) -> None:
+    project = _project(tmp_path, _healthy_vms(), _owned())
+    (project / "agent-run.yaml").unlink()
+    result = run_cli(["plan", "agent-clone.yaml", "--json"], project)
+    assert result.exit_code == 0
+    assert "agent-run" not in {vm["name"] for vm in json.loads(result.stdout)["vms"]}
+    # The same plan over the whole project deletes it.
+    assert _vm(_plan(project)[1], "agent-run")["action"] == "delete"
+
+
+def test_applied_files_that_changed_on_the_node_are_drift(tmp_path: Path) -> None:
+    owners = _owned()
+    clone_id = build.AGENT_CLONE_ID
+    owners[clone_id] = dataclasses.replace(
+        owners[clone_id], launch="cloud-hypervisor --api-socket /elsewhere"
+    )
+    project = _project(tmp_path, _healthy_vms(), owners)
+    code, document = _plan(project, "--refresh-only", "--detailed-exitcode")
+    assert code == 2
+    (drift,) = _vm(document, "agent-clone")["drift"]
+    assert drift["path"] == "launch"
+    assert drift["expected"] == "cloud-hypervisor --api-socket /elsewhere"
+
+
+def test_corrupted_vms_json_is_a_clear_error_and_nothing_is_written(tmp_path: Path) -> None:
+    project = _project(tmp_path, _healthy_vms(), _owned())
+    vms = project / "node" / "cloudhypervisor" / "db" / "vms.json"
+    vms.write_text(vms.read_text()[:100])
+    before = tree(project)
+    result = run_cli(["plan", ".", "--out", "plan.json"], project)
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: ")
+    assert "cloudhypervisor/db/vms.json" in result.stderr
+    assert tree(project) == before
+
+
+def test_plan_against_an_exported_state_equals_plan_against_the_root(tmp_path: Path) -> None:
+    project = _project(tmp_path, list(SCENARIO_VMS), _owned())
+    exported = run_cli(["state", "export", "--root", "node"], project)
+    assert exported.exit_code == 0
+    against_root = run_cli(["plan", ".", "--json"], project).stdout
+    (project / "node-state.json").write_text(exported.stdout)
+    config = project / "cocoonplan.yaml"
+    config.write_text(config.read_text().replace("state: node", "state: node-state.json"))
+    shutil.rmtree(project / "node")
+    assert run_cli(["plan", ".", "--json"], project).stdout == against_root
+
+
+def test_show_prints_and_checks_the_plan_digest(tmp_path: Path) -> None:
+    project = _project(tmp_path, list(SCENARIO_VMS), _owned())
+    out = tmp_path / "plan.json"
+    run_cli(["plan", ".", "--out", str(out)], project)
+    saved = json.loads(out.read_text())
+    shown = run_cli(["show", str(out)], project)
+    assert shown.exit_code == 0
+    assert saved["digest"] in shown.stdout.splitlines()[0]
+    saved["vms"][0]["cpu"] = 64
+    out.write_text(json.dumps(saved))
+    tampered = run_cli(["show", str(out)], project)
+    assert tampered.exit_code == 1
+    assert "does not match its digest" in tampered.stderr
