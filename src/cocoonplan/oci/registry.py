@@ -104,23 +104,30 @@ class RegistryStore:
         return verify_bytes(content, Verifier(descriptor.digest, descriptor.size, what, self.describe()))
 
     def download_blob(self, repository: str, descriptor: Descriptor, dest: Path) -> None:
-        """Stream a blob to ``dest`` in 1 MiB chunks through ``dest`` + ``.part``, verified, then renamed.
+        """Stream a blob to ``dest`` through ``dest`` + ``.part``, verified, then renamed.
 
         On failure (HTTP, network, digest or size mismatch, interrupt) the part file is removed
         and ``dest`` is not touched.
         """
         what = f"blob {descriptor.digest} of {repository}"
         verifier = Verifier(descriptor.digest, descriptor.size, what, self.describe())
-        with self._open(self._blob_url(repository, descriptor), what) as response:
-            write_verified(dest, response.iter_bytes(CHUNK_SIZE), verifier)
+        # The raw body, undecoded: identity is asked for, and a blob's digest is over its
+        # stored bytes, so an encoded body fails verification instead of being trusted.
+        # Skipping httpx's decoder and re-chunker measured 1.4x faster (bench/registry_pull.py).
+        with self._open(self._blob_url(repository, descriptor), what, encoding="identity") as response:
+            write_verified(dest, response.iter_raw(), verifier)
 
     def _blob_url(self, repository: str, descriptor: Descriptor) -> str:
         return f"{self.endpoint}/v2/{repository}/blobs/{descriptor.digest}"
 
     @contextlib.contextmanager
-    def _open(self, url: str, what: str, accept: str | None = None) -> Iterator[httpx.Response]:
+    def _open(
+        self, url: str, what: str, accept: str | None = None, encoding: str | None = None
+    ) -> Iterator[httpx.Response]:
         """GET ``url`` as a stream; turn HTTP and transport failures into errors naming ``what``."""
         headers = {"Accept": accept} if accept else {}
+        if encoding:
+            headers["Accept-Encoding"] = encoding
         try:
             with self._client.stream(
                 "GET", url, headers=headers, auth=self._auth, follow_redirects=True
