@@ -232,3 +232,18 @@ def test_show_prints_and_checks_the_plan_digest(tmp_path: Path) -> None:
     tampered = run_cli(["show", str(out)], project)
     assert tampered.exit_code == 1
     assert "does not match its digest" in tampered.stderr
+
+
+def test_root_and_state_options_name_where_a_node_is_read(tmp_path: Path) -> None:
+    project = _project(tmp_path, list(SCENARIO_VMS), _owned())
+    against_project = run_cli(["plan", ".", "--json"], project).stdout
+    (project / "state.json").write_text(run_cli(["state", "export", "--root", "node"], project).stdout)
+    config = project / "cocoonplan.yaml"
+    config.write_text(config.read_text().replace("    state: node\n", ""))
+    without = json.loads(run_cli(["plan", ".", "--json"], project).stdout)
+    assert {vm["action"] for vm in without["vms"]} == {"create"}
+    assert run_cli(["plan", ".", "--json", "--root", "node"], project).stdout == against_project
+    assert run_cli(["plan", ".", "--json", "--state", "node-a=state.json"], project).stdout == against_project
+    unknown = run_cli(["plan", ".", "--state", "node-z=state.json"], project)
+    assert unknown.exit_code == 1
+    assert "names node 'node-z', which the project file does not declare" in unknown.stderr

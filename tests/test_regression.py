@@ -18,6 +18,7 @@ import pytest
 from syrupy.assertion import SnapshotAssertion
 from syrupy.extensions.json import JSONSnapshotExtension
 
+from chschema import config_errors
 from clirunner import run_cli
 from ocifixture import GIB, Artifact, Blob, DataDisk, Nic, SourceVM, image, layer, push_with_oras, snapshot
 from registry_server import RegistryFactory, RegistryServer
@@ -116,6 +117,7 @@ def test_clone_lists_exactly_the_declared_eleven_layers(
     alien = {b.digest for b in scenario.xface_0513.layers[2:]}
     assert alien.isdisjoint(d["digest"] for d in vm["disks"])
     assert all(b["present"] for b in vm["blobs"] if b["kind"] == "layer")
+    assert config_errors(vm["config"]) == []
     assert _pinned_view(vm) == snapshot(extension_class=JSONFile)
 
 

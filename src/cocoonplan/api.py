@@ -129,17 +129,38 @@ def _lock_path(context: ProjectContext) -> tuple[Path, str]:
     return path, _display(path, context.directory)
 
 
-def read_nodes(context: ProjectContext, names: Sequence[str]) -> dict[str, NodeState | None]:
-    """The state of each named node, from the project's ``state:``; None where none is given.
+def state_overrides(values: Sequence[str], context: ProjectContext, cwd: Path) -> dict[str, Path]:
+    """Parse ``[NODE=]PATH`` command-line state locations; a bare PATH needs a one-node project."""
+    nodes = sorted(context.project.nodes)
+    overrides: dict[str, Path] = {}
+    for value in values:
+        node, sep, path = value.rpartition("=")
+        if not sep:
+            if len(nodes) != 1:
+                raise CocoonplanError(
+                    f"state location {value!r} does not say which node it is for",
+                    hint=f"write NODE={value}; the project's nodes are: {', '.join(nodes) or 'none'}",
+                )
+            node = nodes[0]
+        if node not in context.project.nodes:
+            raise CocoonplanError(
+                f"state location {value!r} names node {node!r}, which the project file does not declare",
+                hint=f"the project's nodes are: {', '.join(nodes) or 'none'}",
+            )
+        overrides[node] = (cwd / path).resolve()
+    return overrides
+
+
+def read_nodes(context: ProjectContext, overrides: Mapping[str, Path]) -> dict[str, NodeState | None]:
+    """The state of every node of the project: from ``overrides``, else the project's ``state:``;
+    None where neither gives one (the node is then taken as empty).
 
     Unreadable or inconsistent state raises StateError: a plan never guesses what runs.
     """
     states: dict[str, NodeState | None] = {}
-    for name in names:
-        node = context.project.nodes[name]
-        states[name] = (
-            read_node_state(context.resolve(node.state), node.root_dir, node.run_dir) if node.state else None
-        )
+    for name, node in sorted(context.project.nodes.items()):
+        path = overrides.get(name) or (context.resolve(node.state) if node.state else None)
+        states[name] = read_node_state(path, node.root_dir, node.run_dir) if path else None
     return states
 
 
@@ -203,17 +224,20 @@ def plan(
     locked: bool = False,
     update_lock: bool = False,
     refresh_only: bool = False,
+    states: Sequence[str] = (),
 ) -> Plan:
     """Plan every VM under ``paths`` against its node.
 
     Spec, project and node-state errors raise; a VM that fails to resolve or plan becomes an
     entry in ``Plan.errors`` while the others are still planned. Every node of the project
     is read, so that a VM whose spec was removed can be deleted (only if cocoonplan made it).
+    ``states`` (``[NODE=]PATH``: a cocoon root or an exported state document) override where
+    a node's state is read from.
     """
     context, specs = load_all(paths, environment)
     lock_path, lock_display = _lock_path(context)
     lock = read_lock(lock_path, lock_display)
-    states = read_nodes(context, sorted(context.project.nodes))
+    nodes = read_nodes(context, state_overrides(states, context, environment.cwd))
     inputs: list[PlanInput] = []
     errors: list[Diagnostic] = []
     with environment.http() as client, open_sources(context, client, environment.env) as sources:
@@ -223,12 +247,12 @@ def plan(
         for loaded in specs:
             node = loaded.spec.spec.node
             try:
-                resolved = _resolve_vm(loaded, content, pinner, scanner, states[node])
+                resolved = _resolve_vm(loaded, content, pinner, scanner, nodes[node])
             except CocoonplanError as exc:
                 errors.append(Diagnostic.from_error(exc, vm=loaded.spec.name, file=loaded.file))
                 continue
             inputs.append(PlanInput(loaded=loaded, resolved=resolved, node=context.project.nodes[node]))
-        views, warnings = _node_views(states, content)
+        views, warnings = _node_views(nodes, content)
     return make_plan(
         inputs,
         nodes=views,

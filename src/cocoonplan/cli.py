@@ -89,10 +89,24 @@ def plan(
     refresh_only: Annotated[
         bool, typer.Option("--refresh-only", help="Report drift on the nodes only; propose no change.")
     ] = False,
+    root: Annotated[
+        list[str] | None,
+        typer.Option("--root", help="[NODE=]DIR: read the node's state from this cocoon root directory."),
+    ] = None,
+    state: Annotated[
+        list[str] | None,
+        typer.Option("--state", help="[NODE=]FILE: read the node's state from an exported state document."),
+    ] = None,
 ) -> None:
     """Resolve specs and show what would change on the nodes, Terraform style."""
     try:
-        result = api.plan(paths, _environment(), locked=locked, refresh_only=refresh_only)
+        result = api.plan(
+            paths,
+            _environment(),
+            locked=locked,
+            refresh_only=refresh_only,
+            states=[*(root or []), *(state or [])],
+        )
     except CocoonplanError as exc:
         raise _fail(exc) from exc
     _print_plan(result, as_json, as_markdown)

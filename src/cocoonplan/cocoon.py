@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -45,22 +44,6 @@ class StorageConfig(Wire):
     mount_point: str | None = None
     fstype: str | None = None
     direct_io: bool | None = None
-
-    def to_wire(self) -> dict[str, Any]:
-        """Serialise as cocoon does: empty optional keys omitted, struct key order."""
-        out: dict[str, Any] = {
-            "path": self.path,
-            "ro": self.ro,
-            "serial": self.serial,
-            "role": self.role.value,
-        }
-        if self.mount_point:
-            out["mount_point"] = self.mount_point
-        if self.fstype:
-            out["fstype"] = self.fstype
-        if self.direct_io is not None:
-            out["direct_io"] = self.direct_io
-        return out
 
 
 class BootConfig(Wire):

@@ -17,8 +17,6 @@ from pydantic import ValidationError
 from cocoonplan.errors import SpecError
 from cocoonplan.model import Digest, Model
 
-LOCK_FORMAT_VERSION = 1
-
 
 class RefKind(StrEnum):
     """What a locked reference names."""

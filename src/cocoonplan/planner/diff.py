@@ -13,7 +13,7 @@ from deepdiff.helper import notpresent
 
 from cocoonplan.cocoon import DiskRole, StorageConfig, layer_hex
 from cocoonplan.observed import ObservedVM
-from cocoonplan.planner.model import Change, DesiredVM, Mode, PlannedDisk
+from cocoonplan.planner.model import BlobKind, Change, DesiredVM, Mode, PlannedDisk
 
 
 def observed_disk(index: int, config: StorageConfig) -> PlannedDisk:
@@ -71,6 +71,20 @@ def disk_changes(desired: DesiredVM, vm: ObservedVM) -> list[Change]:
     return changes
 
 
+def blob_changes(desired: DesiredVM, vm: ObservedVM) -> list[Change]:
+    """Layer blobs the VM gains (with size and whether the node has them) and loses."""
+    have = {f"sha256:{h}" for c in vm.storage_configs if c.role is DiskRole.LAYER and (h := layer_hex(c))}
+    want = {b.digest: b for b in desired.blobs if b.kind is BlobKind.LAYER}
+    gained = [
+        Change(path=f"blobs[{d}]", before=None, after={"size": want[d].size, "present": want[d].present})
+        for d in sorted(want.keys() - have)
+    ]
+    lost = [
+        Change(path=f"blobs[{d}]", before={"in_use": True}, after=None) for d in sorted(have - want.keys())
+    ]
+    return gained + lost
+
+
 def diff_vm(desired: DesiredVM, vm: ObservedVM) -> tuple[Change, ...]:
     """Every difference between the VM on the node and the desired VM; empty when they agree."""
     changes: list[Change] = []
@@ -86,6 +100,7 @@ def diff_vm(desired: DesiredVM, vm: ObservedVM) -> tuple[Change, ...]:
         if before != after:
             changes.append(Change(path=field, before=before, after=after))
     changes += disk_changes(desired, vm)
+    changes += blob_changes(desired, vm)
     if vm.runtime_config is not None:
         changes += config_changes(vm.runtime_config, desired.config)
     elif desired.mode is Mode.CLONE:

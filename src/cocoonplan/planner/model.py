@@ -53,8 +53,6 @@ class BlobKind(StrEnum):
     """An OCI image layer, converted to ``<root>/oci/blobs/<hex>.erofs`` on the node."""
     SNAPSHOT_FILE = "snapshot-file"
     """A file of a snapshot artifact (cocoon.json, config.json, cow.raw, memory-ranges, …)."""
-    CONFIG = "config"
-    """A manifest's config blob."""
 
 
 class PlannedBlob(Model):

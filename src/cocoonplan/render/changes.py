@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from cocoonplan.model import short_digest
+from cocoonplan.units import format_size
+
 _ABBREV = 12
 
 
@@ -68,6 +71,15 @@ def _disk_runs(changes: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _blob(change: dict[str, Any]) -> str:
+    digest = change["path"][len("blobs[") : -1]
+    after = change["after"]
+    if after is None:
+        return f"- blob {short_digest(digest)} (no longer used by this VM)"
+    where = "present on the node" if after["present"] else "to fetch"
+    return f"+ blob {short_digest(digest)} {format_size(after['size'])} ({where})"
+
+
 def change_lines(changes: list[dict[str, Any]]) -> list[str]:
     """Terraform-style lines for a VM's changes, disks collapsed, everything else field by field."""
     disks = [c for c in changes if c["path"].startswith("disks[")]
@@ -76,6 +88,9 @@ def change_lines(changes: list[dict[str, Any]]) -> list[str]:
         if change["path"].startswith("disks["):
             if change is disks[0]:
                 lines += _disk_runs(disks)
+            continue
+        if change["path"].startswith("blobs["):
+            lines.append(_blob(change))
             continue
         before, after = change["before"], change["after"]
         if before is None:
