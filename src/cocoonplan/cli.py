@@ -29,7 +29,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-Paths = Annotated[list[Path], typer.Argument(help="Spec files or directories (searched for *.yaml/*.yml).")]
+Paths = Annotated[
+    list[Path] | None,
+    typer.Argument(
+        help="Spec files or directories (searched for *.yaml/*.yml); default: the current directory."
+    ),
+]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the versioned JSON plan document.")]
 AsMarkdown = Annotated[bool, typer.Option("--markdown", help="Print a Markdown pull-request comment.")]
 
@@ -60,10 +65,10 @@ def _exit_code(plan: Plan, detailed: bool) -> int:
 
 
 @app.command()
-def validate(paths: Paths) -> None:
+def validate(paths: Paths = None) -> None:
     """Check specs and the project file offline; print one line per VM."""
     try:
-        specs = api.validate(paths, _environment())
+        specs = api.validate(paths or [Path()], _environment())
     except CocoonplanError as exc:
         raise _fail(exc) from exc
     for item in specs:
@@ -76,7 +81,7 @@ def validate(paths: Paths) -> None:
 
 @app.command()
 def plan(
-    paths: Paths,
+    paths: Paths = None,
     as_json: AsJson = False,
     as_markdown: AsMarkdown = False,
     out: Annotated[Path | None, typer.Option("--out", help="Write the plan document to this file.")] = None,
@@ -101,7 +106,7 @@ def plan(
     """Resolve specs and show what would change on the nodes, Terraform style."""
     try:
         result = api.plan(
-            paths,
+            paths or [Path()],
             _environment(),
             locked=locked,
             refresh_only=refresh_only,
@@ -131,14 +136,14 @@ def show(
 
 @app.command()
 def lock(
-    paths: Paths,
+    paths: Paths = None,
     update: Annotated[
         bool, typer.Option("--update", help="Re-resolve every tag, taking moved tags.")
     ] = False,
 ) -> None:
     """Resolve every reference once and write cocoonplan.lock beside the project file."""
     try:
-        result = api.lock(paths, _environment(), update=update)
+        result = api.lock(paths or [Path()], _environment(), update=update)
     except CocoonplanError as exc:
         raise _fail(exc) from exc
     for change in result.changes:
@@ -152,15 +157,15 @@ def lock(
 
 @app.command()
 def render(
-    paths: Paths,
     directory: Annotated[Path, typer.Option("--dir", help="Directory to write <node>/<vm>/ files under.")],
+    paths: Paths = None,
     check: Annotated[
         bool, typer.Option("--check", help="Write nothing; exit 1 when committed files differ.")
     ] = False,
 ) -> None:
     """Write each VM's config.json, disks.json and launch line for a GitOps repo."""
     try:
-        result = api.plan(paths, _environment())
+        result = api.plan(paths or [Path()], _environment())
     except CocoonplanError as exc:
         raise _fail(exc) from exc
     if result.errors:
