@@ -247,3 +247,34 @@ def test_root_and_state_options_name_where_a_node_is_read(tmp_path: Path) -> Non
     unknown = run_cli(["plan", ".", "--state", "node-z=state.json"], project)
     assert unknown.exit_code == 1
     assert "names node 'node-z', which the project file does not declare" in unknown.stderr
+
+
+def test_a_spec_that_fails_to_resolve_never_deletes_its_vm(tmp_path: Path) -> None:
+    project = _project(tmp_path, _healthy_vms(), _owned())
+    spec = project / "agent-clone.yaml"
+    spec.write_text(spec.read_text().replace("agent-snap:v1", "agent-snap:v9"))
+    code, document = _plan(project)
+    assert code == 1
+    assert [e["vm"] for e in document["errors"]] == ["agent-clone"]
+    assert "agent-clone" not in {vm["name"] for vm in document["vms"]}
+
+
+def test_render_writes_nothing_for_a_vm_being_deleted(tmp_path: Path) -> None:
+    project = _project(tmp_path, _healthy_vms(), _owned())
+    out = tmp_path / "rendered"
+    assert run_cli(["render", ".", "--dir", str(out)], project).exit_code == 0
+    assert (out / "node-a/agent-run/launch").is_file()
+    (project / "agent-run.yaml").unlink()
+    assert run_cli(["render", ".", "--dir", str(out)], project).exit_code == 0
+    assert not (out / "node-a/agent-run/launch").exists()
+    assert (out / "node-a/agent-clone/config.json").is_file()
+
+
+def test_more_vcpus_than_the_node_has_is_refused(tmp_path: Path) -> None:
+    project = _project(tmp_path, _healthy_vms(), _owned())
+    spec = project / "agent-run.yaml"
+    spec.write_text(spec.read_text().replace("cpu: 2", "cpu: 32"))
+    code, document = _plan(project)
+    assert code == 1
+    (error,) = document["errors"]
+    assert error["summary"] == "VM agent-run: cpu 32 is more than the node's 16 CPUs"

@@ -165,9 +165,11 @@ def test_refresh_only_reports_drift_alone(project: Path) -> None:
     assert result.exit_code == 2
     document = json.loads(result.stdout)
     assert document["refresh_only"] is True
+    # Every VM on the node is reported, with or without a spec, the hand-made one too.
     assert {vm["name"]: vm["action"] for vm in document["vms"]} == {
         "agent-clone": "no-op",
         "agent-run": "no-op",
+        "legacy-tool": "no-op",
     }
     assert all(vm["changes"] == [] for vm in document["vms"])
     assert len(_vm(document, "agent-clone")["drift"]) == 9

@@ -25,7 +25,9 @@ PROJECT = "apiVersion: cocoonplan/v1alpha1\nkind: Project\nregistries:\n  ghcr.i
         ([("/boot/vmlinuz", True)], (False, False)),  # absolute names do not count
         ([("boot/vmlinuz", False), ("boot/initrd.img", False)], (False, False)),  # symlinks, hard links
         ([("boot/vmlinuz.old", True), ("boot/initrd.img.old", True)], (False, False)),
-        ([("boot/efi/vmlinuz", True), ("vmlinuz", True)], (False, False)),  # only directly in boot/
+        ([("boot/efi/vmlinuz", True), ("etc/initrd.img", True)], (False, False)),  # boot/ or the top only
+        ([("vmlinuz", True), ("./initrd.img-6.1", True)], (True, True)),  # the top level counts (".")
+        ([("x/../boot/vmlinuz", True)], (True, False)),  # names are cleaned first
     ],
 )
 def test_boot_file_rules(entries: list[tuple[str, bool]], expected: tuple[bool, bool]) -> None:

@@ -82,3 +82,14 @@ def test_render_needs_nothing_but_the_document(document: dict[str, Any], tmp_pat
     out = tmp_path / "plan.json"
     out.write_text(json.dumps(document))
     assert render_human(json.loads(out.read_text())) == render_human(document)
+
+
+def test_a_huge_error_list_is_cut_too(document: dict[str, Any]) -> None:
+    errors = [
+        {"summary": f"error {i} " + "x" * 200, "detail": "d" * 300, "hint": "h", "vm": "v", "file": "f"}
+        for i in range(400)
+    ]
+    text = render_markdown(dict(document, errors=errors))
+    assert len(text) <= 60_000
+    assert "cut here" in text
+    assert text.count("```") % 2 == 0, "no code block is left open"

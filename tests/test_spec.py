@@ -159,3 +159,21 @@ def test_sizes_follow_go_units_binary_multipliers(text: str | int, expected: int
 def test_bad_sizes_are_refused(text: object) -> None:
     with pytest.raises(ValueError, match="size"):
         parse_size(text)
+
+
+def test_node_names_cannot_escape_directories(project: Path) -> None:
+    (project / "cocoonplan.yaml").write_text(
+        "apiVersion: cocoonplan/v1alpha1\nkind: Project\nnodes:\n  ../../escape: {cpus: 2}\n"
+    )
+    result = run_cli(["validate", "agent-run.yaml"], project)
+    assert result.exit_code == 1
+    assert "cocoonplan.yaml:3:1: nodes: node name(s) '../../escape' must match" in result.stderr
+
+
+def test_a_node_must_say_how_many_cpus_it_has(project: Path) -> None:
+    (project / "cocoonplan.yaml").write_text(
+        "apiVersion: cocoonplan/v1alpha1\nkind: Project\nnodes:\n  node-a: {}\n"
+    )
+    result = run_cli(["validate", "agent-run.yaml"], project)
+    assert result.exit_code == 1
+    assert "nodes.node-a.cpus: Field required" in result.stderr

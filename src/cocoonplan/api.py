@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from cocoonplan import __version__
 from cocoonplan.document import read_documents
-from cocoonplan.errors import CocoonplanError, SpecError, StateError
+from cocoonplan.errors import CocoonplanError, LockError, SpecError, StateError
 from cocoonplan.lock import LockedDigests, LockEntry, LockFile, RefKind, encode_lock, read_lock
 from cocoonplan.observed import NodeState, ObservedVM
 from cocoonplan.oci.reference import parse_reference
@@ -25,7 +25,7 @@ from cocoonplan.oci.sources import open_sources
 from cocoonplan.planner import Plan, PlanInput, make_plan
 from cocoonplan.planner.model import Diagnostic, LockChange
 from cocoonplan.project import LOCK_FILE, PROJECT_FILE, Project, ProjectContext
-from cocoonplan.resolved import NodeView, ResolvedVM, RunningBase
+from cocoonplan.resolved import NodeView, PinnedRef, ResolvedVM, RunningBase
 from cocoonplan.resolvers.content import Content
 from cocoonplan.resolvers.image import BootScanner, resolve_image
 from cocoonplan.resolvers.node import DEFAULT_ROOT_DIR, present_layers, read_node_root, read_node_state
@@ -110,7 +110,9 @@ def spec_files(paths: Sequence[Path], cwd: Path) -> list[Path]:
         elif full.is_file():
             files.append(full)
         else:
-            raise CocoonplanError(f"{path}: no such file or directory")
+            raise CocoonplanError(
+                f"{path}: no such file or directory", hint="name spec files or directories that exist"
+            )
     return list(dict.fromkeys(files))
 
 
@@ -129,8 +131,14 @@ def _lock_path(context: ProjectContext) -> tuple[Path, str]:
     return path, _display(path, context.directory)
 
 
-def state_overrides(values: Sequence[str], context: ProjectContext, cwd: Path) -> dict[str, Path]:
-    """Parse ``[NODE=]PATH`` command-line state locations; a bare PATH needs a one-node project."""
+def state_overrides(
+    values: Sequence[str], context: ProjectContext, cwd: Path, *, directories: bool
+) -> dict[str, Path]:
+    """Parse ``[NODE=]PATH`` command-line state locations; a bare PATH needs a one-node project.
+
+    ``directories`` says whether they must be cocoon root directories (``--root``) or exported
+    state documents (``--state``).
+    """
     nodes = sorted(context.project.nodes)
     overrides: dict[str, Path] = {}
     for value in values:
@@ -147,7 +155,14 @@ def state_overrides(values: Sequence[str], context: ProjectContext, cwd: Path) -
                 f"state location {value!r} names node {node!r}, which the project file does not declare",
                 hint=f"the project's nodes are: {', '.join(nodes) or 'none'}",
             )
-        overrides[node] = (cwd / path).resolve()
+        location = (cwd / path).resolve()
+        if location.is_dir() != directories:
+            wanted = "a cocoon root directory" if directories else "an exported state file"
+            raise CocoonplanError(
+                f"{path} is not {wanted}",
+                hint="--root takes a node's root directory, --state a file from `cocoonplan state export`",
+            )
+        overrides[node] = location
     return overrides
 
 
@@ -174,7 +189,10 @@ def running_base(vm: ObservedVM, state: NodeState, content: Content) -> RunningB
     if image is not None:
         return RunningBase(ref=image.ref, digest=image.manifest_digest, layers=image.layers)
     if not digest or not vm.settings.image:
-        raise StateError(f"VM {vm.name} ({vm.id}) records no image digest, so its layers cannot be checked")
+        raise StateError(
+            f"VM {vm.name} ({vm.id}) records no image digest, so its layers cannot be checked",
+            hint="cocoon records image_digest for OCI VMs; check the VM's record in vms.json",
+        )
     ref = parse_reference(vm.settings.image).with_digest(digest)
     manifest = content.manifest(ref, digest)
     return RunningBase(
@@ -203,6 +221,18 @@ def _node_views(
     return views, warnings
 
 
+def _check_locked_base(pinner: Pinner, source: PinnedRef, base: str | None) -> None:
+    # Content-addressed, a snapshot cannot change its base; a disagreement means the lock
+    # file was edited by hand or belongs to another snapshot.
+    entry = pinner.lock.find(source.ref)
+    if entry and entry.locked.digest == source.digest and entry.locked.base_image_digest not in (None, base):
+        raise LockError(
+            f"{pinner.lock_display} pins {source.ref} to {source.digest} baked from "
+            f"{entry.locked.base_image_digest}, but that snapshot records base {base}",
+            hint="the lock file was edited; restore it from version control or run `cocoonplan lock --update`",
+        )
+
+
 def _resolve_vm(
     loaded: LoadedSpec, content: Content, pinner: Pinner, scanner: BootScanner, state: NodeState | None
 ) -> ResolvedVM:
@@ -213,6 +243,7 @@ def _resolve_vm(
     expected = pinner.pin(body.expect.base_image) if body.expect and body.expect.base_image else None
     if body.snapshot is not None:
         snapshot = resolve_snapshot(content, ref, source.ref)
+        _check_locked_base(pinner, source, snapshot.config.image_digest)
         return ResolvedVM(snapshot=snapshot, expected_base=expected, present_blobs=present)
     return ResolvedVM(image=resolve_image(content, ref, source.ref, scanner), present_blobs=present)
 
@@ -224,6 +255,7 @@ def plan(
     locked: bool = False,
     update_lock: bool = False,
     refresh_only: bool = False,
+    roots: Sequence[str] = (),
     states: Sequence[str] = (),
 ) -> Plan:
     """Plan every VM under ``paths`` against its node.
@@ -231,20 +263,23 @@ def plan(
     Spec, project and node-state errors raise; a VM that fails to resolve or plan becomes an
     entry in ``Plan.errors`` while the others are still planned. Every node of the project
     is read, so that a VM whose spec was removed can be deleted (only if cocoonplan made it).
-    ``states`` (``[NODE=]PATH``: a cocoon root or an exported state document) override where
-    a node's state is read from.
+    ``roots`` (``[NODE=]DIR``, cocoon root directories) and ``states`` (``[NODE=]FILE``,
+    exported state documents) override where a node's state is read from.
     """
     context, specs = load_all(paths, environment)
     lock_path, lock_display = _lock_path(context)
     lock = read_lock(lock_path, lock_display)
-    nodes = read_nodes(context, state_overrides(states, context, environment.cwd))
+    overrides = state_overrides(roots, context, environment.cwd, directories=True)
+    overrides |= state_overrides(states, context, environment.cwd, directories=False)
+    nodes = read_nodes(context, overrides)
     inputs: list[PlanInput] = []
     errors: list[Diagnostic] = []
     with environment.http() as client, open_sources(context, client, environment.env) as sources:
         content = Content(sources)
         pinner = Pinner(content, lock, lock_display, locked=locked, update=update_lock)
         scanner = BootScanner(content, context.resolve(context.project.cache))
-        for loaded in specs:
+        # A refresh-only plan compares the nodes with their own records: specs are not resolved.
+        for loaded in [] if refresh_only else specs:
             node = loaded.spec.spec.node
             try:
                 resolved = _resolve_vm(loaded, content, pinner, scanner, nodes[node])
@@ -257,6 +292,7 @@ def plan(
         inputs,
         nodes=views,
         tool_version=__version__,
+        claimed=[(s.spec.spec.node, s.spec.name) for s in specs],
         scope=[_display(environment.cwd / p, context.directory) for p in paths] or ["."],
         refresh_only=refresh_only,
         lock_changes=tuple(pinner.changes.values()),
@@ -310,7 +346,9 @@ def lock(paths: Sequence[Path], environment: Environment, *, update: bool = Fals
     text = encode_lock(new)
     written = not lock_path.exists() or lock_path.read_text() != text
     if written:
-        lock_path.write_text(text)
+        temp = lock_path.with_name(f".{lock_path.name}.tmp")
+        temp.write_text(text)
+        temp.replace(lock_path)
     applied = tuple(c for c in pinner.changes.values() if update or c.before is None)
     return LockResult(path=lock_path, changes=applied, removed=removed, written=written)
 

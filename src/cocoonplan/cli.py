@@ -110,7 +110,8 @@ def plan(
             _environment(),
             locked=locked,
             refresh_only=refresh_only,
-            states=[*(root or []), *(state or [])],
+            roots=root or [],
+            states=state or [],
         )
     except CocoonplanError as exc:
         raise _fail(exc) from exc

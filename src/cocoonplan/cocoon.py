@@ -102,6 +102,44 @@ class SnapshotConfig(Wire):
         return value
 
 
+DATA_DISK_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,19}$")
+READ_ONLY_ROLES = (DiskRole.LAYER, DiskRole.CIDATA)
+
+
+def storage_config_problems(configs: tuple[StorageConfig, ...]) -> list[tuple[int, str]]:
+    """cocoon's ``ValidateStorageConfigs`` (§4 role rules), plus "at least one cow disk" (§8.5).
+
+    Returns (disk index, problem) pairs; empty when cocoon would accept the list.
+    """
+    problems: list[tuple[int, str]] = []
+    for index, config in enumerate(configs):
+        wants_ro = config.role in READ_ONLY_ROLES
+        if config.ro != wants_ro:
+            problems.append(
+                (index, f"a {config.role} disk must be {'read-only' if wants_ro else 'writable'}")
+            )
+        if config.role is not DiskRole.DATA:
+            if config.direct_io is not None:
+                problems.append((index, f"a {config.role} disk cannot carry direct_io"))
+            continue
+        if config.fstype not in ("ext4", "none"):
+            problems.append(
+                (index, f"data disk {config.serial} needs fstype ext4 or none, not {config.fstype!r}")
+            )
+        if config.fstype == "none" and config.mount_point:
+            problems.append(
+                (index, f"data disk {config.serial} has fstype none but mount point {config.mount_point}")
+            )
+        mount = config.mount_point or ""
+        if mount and (not mount.startswith("/") or "\0" in mount or "\n" in mount):
+            problems.append((index, f"data disk {config.serial} has an invalid mount point {mount!r}"))
+        if not DATA_DISK_NAME.match(config.serial) or config.serial.startswith("cocoon-"):
+            problems.append((index, f"data disk serial {config.serial!r} is not a valid data disk name"))
+    if not any(c.role is DiskRole.COW for c in configs):
+        problems.append((len(configs), "the disk list has no cow disk; a clone needs one"))
+    return problems
+
+
 def layer_hex(config: StorageConfig) -> str | None:
     """The OCI layer digest hex a layer disk's path names, or None if it is not a blob path."""
     match = BLOB_PATH.match(config.path)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cocoonplan.planner.model import Plan, VMPlan
+from cocoonplan.errors import PlanError
+from cocoonplan.planner.model import Action, Plan, VMPlan
 
 RENDERED_FILES = ("config.json", "disks.json", "launch")
 
@@ -24,10 +25,21 @@ def rendered_files(vm: VMPlan) -> dict[str, str]:
 
 
 def render_tree(plan: Plan) -> dict[str, str]:
-    """Every rendered file of the plan, keyed by ``<node>/<vm>/<file>``."""
+    """Every rendered file of the plan, keyed by ``<node>/<vm>/<file>``; VMs to delete have none."""
     return {
-        f"{vm.node}/{vm.name}/{name}": text for vm in plan.vms for name, text in rendered_files(vm).items()
+        f"{vm.node}/{vm.name}/{name}": text
+        for vm in plan.vms
+        if vm.action is not Action.DELETE
+        for name, text in rendered_files(vm).items()
     }
+
+
+def _inside(directory: Path, relative: str) -> Path:
+    # Node and VM names are checked against cocoon's name syntax; this is the last guard.
+    target = (directory / relative).resolve()
+    if not target.is_relative_to(directory.resolve()):
+        raise PlanError(f"rendered path {relative!r} would leave {directory}", hint="rename the node or VM")
+    return target
 
 
 def existing_tree(directory: Path) -> dict[str, str]:
@@ -56,10 +68,12 @@ def write_tree(plan: Plan, directory: Path) -> list[str]:
     """Write the rendered files and remove stale ones; returns the paths that changed."""
     changed = differences(plan, directory)
     for path, text in render_tree(plan).items():
-        target = directory / path
+        target = _inside(directory, path)
         target.parent.mkdir(parents=True, exist_ok=True)
         if not target.exists() or target.read_text() != text:
-            target.write_text(text)
+            temp = target.with_name(f".{target.name}.tmp")
+            temp.write_text(text)
+            temp.replace(target)
     for path in set(existing_tree(directory)) - set(render_tree(plan)):
-        (directory / path).unlink()
+        _inside(directory, path).unlink()
     return changed

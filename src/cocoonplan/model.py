@@ -14,6 +14,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, StringConstraints
 
 DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
+NAME_PATTERN = r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,62}$"
+"""cocoon's VM name syntax; node names follow it too, so names are safe as path components."""
 
 Digest = Annotated[str, StringConstraints(pattern=DIGEST_PATTERN)]
 """A content digest, always ``sha256:<64 lower-case hex>``; tags never stand in for one."""
@@ -38,6 +40,11 @@ def sha256_digest(data: bytes) -> str:
 def digest_hex(digest: str) -> str:
     """Return the 64-character hex of a ``sha256:`` digest (cocoon names blobs by it)."""
     return digest.removeprefix("sha256:")
+
+
+def hex_to_digest(hex_: str | None) -> str | None:
+    """``sha256:<hex>`` for a layer hex, None for none."""
+    return f"sha256:{hex_}" if hex_ else None
 
 
 def short_digest(digest: str) -> str:

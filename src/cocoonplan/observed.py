@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from cocoonplan.cocoon import BootConfig, SnapshotMeta, StorageConfig
-from cocoonplan.model import Digest, Model, canonical_json, sha256_digest
+from cocoonplan.model import NAME_PATTERN, Digest, Model, canonical_json, sha256_digest
 
 STATE_FORMAT_VERSION = 1
 OWNERSHIP_FILE = "cocoonplan/owned.json"
@@ -75,7 +75,7 @@ class ObservedVM(Model):
     """A VM on the node: its record in vms.json and the files of its run directory."""
 
     id: str
-    name: str
+    name: str = Field(pattern=NAME_PATTERN)
     state: str
     hypervisor: str = ""
     settings: VMSettings
@@ -86,6 +86,8 @@ class ObservedVM(Model):
     run_dir: str = ""
     runtime_config: dict[str, Any] | None = None
     """``<run>/config.json`` (clones and restores only), key order kept."""
+    runtime_config_sha256: Digest | None = None
+    """sha256 of the ``config.json`` bytes as they are on the node."""
     runtime_meta: SnapshotMeta | None = None
     """``<run>/cocoon.json`` (clones and restores only)."""
     launch: str | None = None

@@ -7,16 +7,16 @@ directory, and where each node's cocoon state is found.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from cocoonplan.model import Model
+from cocoonplan.model import NAME_PATTERN, Model
 
 PROJECT_FILE = "cocoonplan.yaml"
 LOCK_FILE = "cocoonplan.lock"
-API_VERSION = "cocoonplan/v1alpha1"
 
 
 class RegistrySource(Model):
@@ -44,8 +44,9 @@ class NodeConfig(Model):
     state: str | None = None
     """Where to read the node's state from here: a cocoon root directory or an exported
     state document (relative to the project file). Without it the node is taken as empty."""
-    cpus: int = Field(default=2, ge=1)
-    """Host CPU count: cocoon launches with ``--cpus max=<host CPUs>`` and pins queues by it."""
+    cpus: int = Field(ge=1)
+    """Host CPU count (required): cocoon launches with ``--cpus max=<host CPUs>``, pins queues by
+    it, and refuses a VM with more vCPUs."""
     hugepages: bool = False
     """Whether ``/proc/sys/vm/nr_hugepages`` is above 0 on the node (adds ``hugepages=on``)."""
     dns: tuple[str, ...] = ("8.8.8.8", "1.1.1.1")
@@ -72,6 +73,15 @@ class Project(Model):
     """Node name → node settings; a spec's ``node`` must name one of these."""
     cache: str = ".cocoonplan/cache"
     """Digest-addressed cache of manifests and blobs, relative to the project file."""
+
+    @field_validator("nodes")
+    @classmethod
+    def _node_names(cls, nodes: dict[str, NodeConfig]) -> dict[str, NodeConfig]:
+        # Node names become directory names (render --dir): keep them to cocoon's name syntax.
+        bad = [name for name in nodes if not re.match(NAME_PATTERN, name)]
+        if bad:
+            raise ValueError(f"node name(s) {', '.join(map(repr, bad))} must match {NAME_PATTERN}")
+        return nodes
 
     model_config = Model.model_config | {"populate_by_name": True}
 

@@ -19,16 +19,14 @@ from pydantic import BeforeValidator, Field, ValidationError, WithJsonSchema, fi
 
 from cocoonplan.document import LocatedDocument, read_documents
 from cocoonplan.errors import ReferenceFormatError, SpecError
-from cocoonplan.model import Model
+from cocoonplan.model import NAME_PATTERN, Model
 from cocoonplan.oci.reference import Reference, parse_reference
 from cocoonplan.units import GIB, MIB, parse_size
 
-API_VERSION = "cocoonplan/v1alpha1"
 VM_KIND = "VM"
 MIN_MEMORY = 512 * MIB
 MIN_STORAGE = 10 * GIB
 MIN_DATA_DISK = 16 * MIB
-NAME_PATTERN = r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,62}$"
 DATA_DISK_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,19}$")
 
 Size = Annotated[

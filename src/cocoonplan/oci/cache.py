@@ -19,7 +19,13 @@ from pathlib import Path
 
 from cocoonplan.errors import DigestMismatchError, ResolveError
 from cocoonplan.oci.manifest import Descriptor, media_type_of
-from cocoonplan.oci.store import ContentStore, RawManifest, is_digest_selector, manifest_name
+from cocoonplan.oci.store import (
+    MAX_MANIFEST_BYTES,
+    ContentStore,
+    RawManifest,
+    is_digest_selector,
+    manifest_name,
+)
 from cocoonplan.oci.verifier import (
     Verifier,
     read_chunks,
@@ -43,10 +49,16 @@ class BlobCache:
     def _media_type_path(self, digest: str) -> Path:
         return self.root / "media-types" / "sha256" / require_sha256(digest, "cache entry")
 
-    def get(self, digest: str, size: int | None = None) -> bytes | None:
-        """Return the verified bytes for ``digest``, or None when absent or corrupt (then deleted)."""
+    def get(self, digest: str, size: int | None = None, limit: int | None = None) -> bytes | None:
+        """Return the verified bytes for ``digest``, or None when absent or corrupt (then deleted).
+
+        With ``limit``, an entry larger than that is not read (None): a manifest looked up by
+        a digest that names a multi-GiB layer must not be loaded into memory.
+        """
         path = self.path_for(digest)
         try:
+            if limit is not None and path.stat().st_size > limit:
+                return None
             content = path.read_bytes()
         except FileNotFoundError:
             return None
@@ -118,7 +130,7 @@ class CachingStore:
     def get_manifest(self, repository: str, selector: str) -> RawManifest:
         """Serve a manifest by digest from the cache when present; by tag always from the inner store."""
         if is_digest_selector(selector):
-            content = self.cache.get(selector)
+            content = self.cache.get(selector, limit=MAX_MANIFEST_BYTES)
             if content is not None:
                 cached = self._cached_manifest(selector, content, manifest_name(repository, selector))
                 if cached is not None:

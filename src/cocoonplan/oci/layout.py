@@ -19,7 +19,7 @@ from typing import Any
 
 from cocoonplan.errors import NotFoundError, RegistryError
 from cocoonplan.oci.manifest import REF_NAME_ANNOTATION, Descriptor, media_type_of
-from cocoonplan.oci.store import RawManifest, is_digest_selector, manifest_name
+from cocoonplan.oci.store import MAX_MANIFEST_BYTES, RawManifest, is_digest_selector, manifest_name
 from cocoonplan.oci.verifier import (
     Verifier,
     read_chunks,
@@ -61,7 +61,7 @@ class LayoutStore:
         else:
             listed = self._find_tag(entries, repository, selector, what)
             digest, size = listed["digest"], listed.get("size")
-        content = self._read_blob(digest, size if isinstance(size, int) else None, what)
+        content = self._read_blob(digest, size if isinstance(size, int) else None, what, MAX_MANIFEST_BYTES)
         listed_type = listed.get("mediaType") if listed is not None else None
         return RawManifest(
             digest=digest,
@@ -142,11 +142,19 @@ class LayoutStore:
             )
         return path
 
-    def _read_blob(self, digest: str, size: int | None, what: str) -> bytes:
+    def _read_blob(self, digest: str, size: int | None, what: str, limit: int | None = None) -> bytes:
         verifier = Verifier(digest, size, what, self.describe())
         chunks: list[bytes] = []
-        # Chunked, so a file far larger than the expected size is rejected without being read whole.
+        read = 0
+        # Chunked, so a file far larger than the expected size (or the limit, when the size is
+        # not known) is rejected without being read whole.
         for chunk in read_chunks(self._blob_path(digest, what)):
+            read += len(chunk)
+            if limit is not None and read > limit:
+                raise RegistryError(
+                    f"{what} in {self.describe()} is over the {limit} byte limit of a manifest",
+                    hint="the digest names something that is not a manifest; check the reference",
+                )
             verifier.update(chunk)
             chunks.append(chunk)
         verifier.finish()

@@ -28,6 +28,11 @@ class MediaType(StrEnum):
     SNAPSHOT_CONFIG = "application/vnd.cocoonstack.snapshot.config.v1+json"
 
 
+IMAGE_CONFIG_TYPES = (
+    "application/vnd.oci.image.config.v1+json",
+    "application/vnd.docker.container.image.v1+json",
+)
+"""Config media types of a bootable image (OCI and Docker)."""
 MANIFEST_MEDIA_TYPES = (MediaType.OCI_MANIFEST, MediaType.DOCKER_MANIFEST)
 INDEX_MEDIA_TYPES = (MediaType.OCI_INDEX, MediaType.DOCKER_LIST)
 ACCEPT_MANIFESTS = ", ".join((*MANIFEST_MEDIA_TYPES, *INDEX_MEDIA_TYPES))

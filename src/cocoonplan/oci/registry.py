@@ -25,7 +25,7 @@ from cocoonplan.model import sha256_digest
 from cocoonplan.oci.authenticator import RegistryAuth
 from cocoonplan.oci.credentials import Credentials
 from cocoonplan.oci.manifest import ACCEPT_MANIFESTS, Descriptor, media_type_of
-from cocoonplan.oci.store import RawManifest, is_digest_selector, manifest_name
+from cocoonplan.oci.store import MAX_MANIFEST_BYTES, RawManifest, is_digest_selector, manifest_name
 from cocoonplan.oci.verifier import (
     CHUNK_SIZE,
     Verifier,
@@ -34,7 +34,6 @@ from cocoonplan.oci.verifier import (
     write_verified,
 )
 
-MAX_MANIFEST_BYTES = 4 << 20
 """Manifests larger than this are refused unread: registries need not accept more (OCI distribution spec)."""
 
 

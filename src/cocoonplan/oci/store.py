@@ -13,6 +13,9 @@ from typing import Protocol
 from cocoonplan.model import Digest, Model
 from cocoonplan.oci.manifest import Descriptor
 
+MAX_MANIFEST_BYTES = 4 << 20
+"""The largest manifest any store reads (distribution's own limit is 4 MiB)."""
+
 
 class RawManifest(Model):
     """A manifest or index exactly as served, with the digest of those bytes."""

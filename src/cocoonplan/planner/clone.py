@@ -13,7 +13,7 @@ from cocoonplan.planner.hypervisor import Tuning, build_cmdline, clone_launch_co
 from cocoonplan.planner.identity import Identity
 from cocoonplan.planner.layers import check_snapshot_layers
 from cocoonplan.planner.model import BlobKind, DesiredVM, Mode, PlannedBlob
-from cocoonplan.planner.parts import layer_blobs, planned_disks
+from cocoonplan.planner.parts import check_host_cpus, layer_blobs, planned_disks
 from cocoonplan.project import NodeConfig
 from cocoonplan.resolved import PinnedRef, ResolvedSnapshot
 from cocoonplan.spec import LoadedSpec
@@ -59,7 +59,7 @@ def _check_files(snapshot: ResolvedSnapshot, vm: str) -> None:
     wanted = {
         c.path.rsplit("/", 1)[-1]
         for c in snapshot.meta.storage_configs
-        if c.role in (DiskRole.COW, DiskRole.DATA)
+        if c.role in (DiskRole.COW, DiskRole.DATA, DiskRole.CIDATA)
     }
     missing = sorted(wanted - titles) + ([] if "state.json" in titles else ["state.json"])
     if not any(t and t.startswith("memory-range") for t in titles):
@@ -98,6 +98,7 @@ def plan_clone(
         hugepages=node.hugepages,
         windows=recorded.windows,
     )
+    check_host_cpus(spec.name, tuning.cpu, node.cpus)
     base = snapshot.base_image
     assert base is not None  # check_snapshot_layers refuses a snapshot without one
     by_digest = {layer.digest: layer for layer in base.layers}
@@ -130,6 +131,7 @@ def plan_clone(
         memory=tuning.memory,
         storage=at_least(spec.name, "storage", body.storage, recorded.storage),
         nics=len(identity.nics),
+        network=body.network or recorded.network or "",
         blobs=tuple(blobs),
         disks=planned_disks(disks, digests),
         config=patch_clone_config(snapshot.ch_config, disks, tuning, f"{run_dir}/console.sock"),

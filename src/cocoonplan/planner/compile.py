@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 from cocoonplan.errors import CocoonplanError, PlanError
 from cocoonplan.model import Model
@@ -59,7 +59,7 @@ def _fetch_bytes(desired: DesiredVM) -> int:
     return sum(b.size for b in desired.blobs if not b.present)
 
 
-def decide(desired: DesiredVM, view: NodeView, refresh_only: bool) -> VMPlan:
+def decide(desired: DesiredVM, view: NodeView) -> VMPlan:
     """Compare a desired VM with the node: create, replace or no-op, with changes and drift."""
     running = view.state.vm_named(desired.name) if view.state else None
     base = desired.model_dump()
@@ -72,15 +72,13 @@ def decide(desired: DesiredVM, view: NodeView, refresh_only: bool) -> VMPlan:
         )
     images = view.state.images if view.state else ()
     drift = drift_of(running, view.bases.get(running.id), images)
-    changes = () if refresh_only else diff_vm(desired, running)
+    changes = diff_vm(desired, running)
     paths = replace_paths(changes)
     if not changes:
         return VMPlan(
             **base,
             action=Action.NO_OP,
-            reason="refresh only: drift is reported, nothing is changed"
-            if refresh_only
-            else "the node runs this VM as planned",
+            reason="the node runs this VM as planned",
             drift=drift,
             observed_fingerprint=running.fingerprint(),
             fetch_bytes=0,
@@ -97,28 +95,35 @@ def decide(desired: DesiredVM, view: NodeView, refresh_only: bool) -> VMPlan:
     )
 
 
-def delete_plan(vm: ObservedVM, node: str) -> VMPlan:
-    """The plan to delete a VM cocoonplan created and no spec defines any more."""
-    assert vm.owner is not None  # only owned VMs are ever deleted
+def _observed_source(vm: ObservedVM) -> PinnedRef | None:
+    digest = vm.owner.source if vm.owner else vm.settings.image_digest
+    return PinnedRef(ref=vm.settings.image or vm.name, digest=digest) if digest else None
+
+
+def observed_plan(vm: ObservedVM, view: NodeView, action: Action, reason: str) -> VMPlan:
+    """A plan entry for a VM as the node has it: a delete, or a refresh-only report."""
+    images = view.state.images if view.state else ()
     return VMPlan(
         name=vm.name,
-        node=node,
+        node=view.name,
         mode=Mode.CLONE if vm.runtime_meta is not None else Mode.RUN,
-        spec_file=vm.owner.spec_file,
+        spec_file=vm.owner.spec_file if vm.owner else None,
         vm_id=vm.id,
-        source=PinnedRef(ref=vm.settings.image or vm.name, digest=vm.owner.source),
+        source=_observed_source(vm),
         base_image=None,
         cpu=vm.settings.cpu,
         memory=vm.settings.memory,
         storage=vm.settings.storage,
         nics=len(vm.nics),
+        network=vm.settings.network,
         blobs=(),
         disks=tuple(observed_disk(i, c) for i, c in enumerate(vm.storage_configs)),
         config=vm.runtime_config or {},
         cmdline=vm.boot_config.cmdline or "" if vm.boot_config else "",
         launch=vm.launch or "",
-        action=Action.DELETE,
-        reason=f"cocoonplan created it from {vm.owner.spec_file}, which no longer defines it",
+        action=action,
+        reason=reason,
+        drift=drift_of(vm, view.bases.get(vm.id), images),
         observed_fingerprint=vm.fingerprint(),
         fetch_bytes=0,
     )
@@ -148,7 +153,8 @@ def unclaimed(
                 )
             )
         elif _in_scope(vm.owner.spec_file, scope):
-            deletes.append(delete_plan(vm, view.name))
+            reason = f"cocoonplan created it from {vm.owner.spec_file}, which no longer defines it"
+            deletes.append(observed_plan(vm, view, Action.DELETE, reason))
     return deletes, warnings
 
 
@@ -185,11 +191,22 @@ def summarize(vms: Sequence[VMPlan], errors: Sequence[Diagnostic]) -> Summary:
     )
 
 
+def refresh(nodes: Mapping[str, NodeView]) -> list[VMPlan]:
+    """Every VM on every node with its drift, proposing nothing (``plan --refresh-only``)."""
+    reason = "refresh only: drift is reported, nothing is changed"
+    return [
+        observed_plan(vm, view, Action.NO_OP, reason)
+        for view in nodes.values()
+        for vm in (view.state.vms if view.state else ())
+    ]
+
+
 def make_plan(
     inputs: Sequence[PlanInput],
     *,
     nodes: Mapping[str, NodeView],
     tool_version: str,
+    claimed: Collection[tuple[str, str]] = (),
     scope: Sequence[str] = (".",),
     refresh_only: bool = False,
     lock_changes: Sequence[LockChange] = (),
@@ -198,15 +215,19 @@ def make_plan(
 ) -> Plan:
     """Plan every VM against its node; a VM that cannot be planned becomes an error entry.
 
-    ``scope`` are the planned paths (relative to the project): a VM cocoonplan created from
-    a spec file inside them that no spec defines any more is deleted. A refresh-only plan
-    lists the VMs on the nodes with their drift and proposes nothing.
+    ``claimed`` are the (node, VM name) pairs of every spec that was read, including those
+    that failed to resolve: their VMs are never deleted. ``scope`` are the planned paths
+    (relative to the project): a VM cocoonplan created from a spec file inside them that no
+    spec defines any more is deleted. A refresh-only plan lists every VM on the nodes with
+    its drift and proposes nothing.
     """
     vms: list[VMPlan] = []
     diagnostics = list(errors)
     notes = list(warnings)
     defined: dict[str, set[str]] = {name: set() for name in nodes}
-    for item in inputs:
+    for node, name in claimed:
+        defined[node].add(name)
+    for item in [] if refresh_only else inputs:
         spec = item.loaded.spec
         view = nodes[spec.spec.node]
         defined[view.name].add(spec.name)
@@ -215,15 +236,16 @@ def make_plan(
             if foreign is not None:
                 raise foreign
             running = view.state.vm_named(spec.name) if view.state else None
-            if refresh_only and running is None:
-                continue
-            vms.append(decide(compile_vm(item, running), view, refresh_only))
+            vms.append(decide(compile_vm(item, running), view))
         except CocoonplanError as exc:
             diagnostics.append(Diagnostic.from_error(exc, vm=spec.name, file=item.loaded.file))
-    for view in nodes.values():
-        deletes, foreign_warnings = unclaimed(view, defined[view.name], scope)
-        vms += [] if refresh_only else deletes
-        notes += foreign_warnings
+    if refresh_only:
+        vms = refresh(nodes)
+    else:
+        for view in nodes.values():
+            deletes, foreign_warnings = unclaimed(view, defined[view.name], scope)
+            vms += deletes
+            notes += foreign_warnings
     vms.sort(key=lambda vm: (vm.node, vm.name))
     plan = Plan(
         tool_version=tool_version,

@@ -88,14 +88,16 @@ def blob_changes(desired: DesiredVM, vm: ObservedVM) -> list[Change]:
 def diff_vm(desired: DesiredVM, vm: ObservedVM) -> tuple[Change, ...]:
     """Every difference between the VM on the node and the desired VM; empty when they agree."""
     changes: list[Change] = []
-    if vm.owner is not None and vm.owner.source != desired.source.digest:
-        changes.append(Change(path="source.digest", before=vm.owner.source, after=desired.source.digest))
+    after_source = desired.source.digest if desired.source else None
+    if vm.owner is not None and vm.owner.source != after_source:
+        changes.append(Change(path="source.digest", before=vm.owner.source, after=after_source))
     settings = vm.settings
     for field, before, after in (
         ("cpu", settings.cpu, desired.cpu),
         ("memory", settings.memory, desired.memory),
         ("storage", settings.storage, desired.storage),
         ("nics", len(vm.nics), desired.nics),
+        ("network", settings.network, desired.network),
     ):
         if before != after:
             changes.append(Change(path=field, before=before, after=after))

@@ -11,15 +11,10 @@ from collections.abc import Sequence
 from itertools import zip_longest
 
 from cocoonplan.cocoon import DiskRole, layer_hex
-from cocoonplan.model import sha256_digest, short_digest
+from cocoonplan.model import hex_to_digest, short_digest
 from cocoonplan.observed import ObservedImage, ObservedVM
-from cocoonplan.planner.hypervisor import encode_config
 from cocoonplan.planner.model import Drift
 from cocoonplan.resolved import RunningBase
-
-
-def _digest(hex_: str | None) -> str | None:
-    return f"sha256:{hex_}" if hex_ else None
 
 
 def layer_drift(vm: ObservedVM, base: RunningBase, images: Sequence[ObservedImage]) -> list[Drift]:
@@ -43,8 +38,8 @@ def layer_drift(vm: ObservedVM, base: RunningBase, images: Sequence[ObservedImag
         drift.append(
             Drift(
                 path=f"disks[{index}]",
-                expected=_digest(want),
-                found=_digest(have),
+                expected=hex_to_digest(want),
+                found=hex_to_digest(have),
                 found_in=owners,
                 message=message,
             )
@@ -58,17 +53,16 @@ def applied_drift(vm: ObservedVM) -> list[Drift]:
     if owner is None:
         return []
     drift = []
-    if owner.config_sha256 and vm.runtime_config is not None:
-        current = sha256_digest(encode_config(vm.runtime_config))
-        if current != owner.config_sha256:
-            drift.append(
-                Drift(
-                    path="config.json",
-                    expected=owner.config_sha256,
-                    found=current,
-                    message="the runtime config.json is not the one cocoonplan applied",
-                )
+    current = vm.runtime_config_sha256
+    if owner.config_sha256 and current is not None and current != owner.config_sha256:
+        drift.append(
+            Drift(
+                path="config.json",
+                expected=owner.config_sha256,
+                found=current,
+                message="the runtime config.json is not the one cocoonplan applied",
             )
+        )
     observed = {"launch": vm.launch, "cmdline": vm.boot_config.cmdline if vm.boot_config else None}
     for field, applied in (("launch", owner.launch), ("cmdline", owner.cmdline)):
         if applied is not None and observed[field] != applied:

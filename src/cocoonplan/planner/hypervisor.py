@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cocoonplan.cocoon import COW_SERIAL, DEFAULT_QUEUE_SIZE, StorageConfig, layer_serial
+from cocoonplan.errors import PlanError
 from cocoonplan.planner.identity import NicIdentity
 from cocoonplan.units import MIB
 
@@ -294,7 +295,8 @@ def patch_clone_config(
     config = copy.deepcopy(source)
     source_disks = config.get("disks") or []
     if len(source_disks) != len(disks):
-        raise ValueError("the device list cannot change on clone")
+        # check_snapshot_layers has already refused this; cocoon refuses it too (§8.6).
+        raise PlanError("the device list of a clone cannot differ from its snapshot's config.json")
     patched_disks = []
     for entry, disk in zip(source_disks, disks, strict=True):
         entry = dict(entry)

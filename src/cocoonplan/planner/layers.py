@@ -5,135 +5,152 @@ layers of ``ubuntu:24.04-xface-20260513`` instead of the eleven of ``ubuntu:24.0
 The layers are the ``role: layer`` entries of the snapshot's own ``cocoon.json``, in order
 (cocoon uses them verbatim); they are checked against the snapshot's ``config.json`` disks,
 the config blob's ``imageBlobIds``, the base image manifest fetched by the recorded
-``imageDigest``, and ``expect.baseImage``. Any disagreement fails with one line per index.
+``imageDigest``, and ``expect.baseImage``. Any disagreement fails the plan with one line per
+layer index, naming what each record says.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from itertools import zip_longest
 
-from cocoonplan.cocoon import BOOT_PATH, DiskRole, layer_hex, layer_serial
+from cocoonplan.cocoon import BOOT_PATH, DiskRole, blob_path, layer_hex, layer_serial, storage_config_problems
 from cocoonplan.errors import LayerMismatchError
+from cocoonplan.model import hex_to_digest
 from cocoonplan.resolved import PinnedRef, ResolvedSnapshot
 
 
-def _digest(hex_or_none: str | None) -> str:
-    return f"sha256:{hex_or_none}" if hex_or_none else "(none)"
+class Findings:
+    """Problems collected per layer index (one line each) and for the snapshot as a whole."""
+
+    def __init__(self) -> None:
+        self.by_layer: dict[int, list[str]] = defaultdict(list)
+        self.general: list[str] = []
+
+    def lines(self, hexes: list[str]) -> list[str]:
+        """One line per layer index, in index order, then the general problems."""
+        out = []
+        for index in sorted(self.by_layer):
+            found = hex_to_digest(hexes[index]) if index < len(hexes) else None
+            out.append(
+                f"layer {index}: cocoon.json says {found or '(none)'}; " + "; ".join(self.by_layer[index])
+            )
+        return out + self.general
 
 
-def declared_layers(snapshot: ResolvedSnapshot, root_dir: str) -> tuple[list[str], list[str]]:
-    """Return the snapshot's layer hexes from cocoon.json, and any problems with the entries."""
+def declared_layers(snapshot: ResolvedSnapshot, root_dir: str, findings: Findings) -> list[str]:
+    """The snapshot's layer hexes from cocoon.json, in order, noting malformed entries."""
     hexes: list[str] = []
-    problems: list[str] = []
     seen_other = False
-    for index, config in enumerate(snapshot.meta.storage_configs):
+    for disk, config in enumerate(snapshot.meta.storage_configs):
         if config.role is not DiskRole.LAYER:
             seen_other = True
             continue
-        if seen_other:
-            problems.append(
-                f"disk {index}: layer {config.serial} comes after a non-layer disk in cocoon.json"
-            )
+        index = len(hexes)
         found = layer_hex(config)
-        expected_path = f"{root_dir.rstrip('/')}/oci/blobs/"
+        if seen_other:
+            findings.by_layer[index].append(f"it is disk {disk}, after a non-layer disk")
         if found is None:
-            problems.append(
-                f"layer {len(hexes)}: cocoon.json path {config.path} is not a cocoon layer blob path"
+            findings.by_layer[index].append(f"its path {config.path} is not a cocoon layer blob path")
+        elif config.path != blob_path(root_dir, found):
+            findings.by_layer[index].append(
+                f"its path {config.path} is outside the node's root dir {root_dir}; cocoon keeps layer"
+                " paths verbatim, so the clone would not find it"
             )
-        elif not config.path.startswith(expected_path):
-            problems.append(
-                f"layer {len(hexes)}: cocoon.json path {config.path} is outside the node's root dir {root_dir};"
-                " cocoon keeps layer paths verbatim, so the clone would not find it"
-            )
-        if config.serial != layer_serial(len(hexes)):
-            problems.append(
-                f"layer {len(hexes)}: cocoon.json serial {config.serial}, expected {layer_serial(len(hexes))}"
-            )
-        if not config.ro:
-            problems.append(f"layer {len(hexes)}: cocoon.json marks the layer writable")
+        if config.serial != layer_serial(index):
+            findings.by_layer[index].append(f"its serial is {config.serial}, expected {layer_serial(index)}")
         hexes.append(found or "")
-    return hexes, problems
+    return hexes
 
 
-def _config_disk_problems(snapshot: ResolvedSnapshot) -> list[str]:
+def _check_config_disks(snapshot: ResolvedSnapshot, hexes: list[str], findings: Findings) -> None:
     disks = snapshot.ch_config.get("disks") or []
     configs = snapshot.meta.storage_configs
-    problems = []
     if len(disks) != len(configs):
-        problems.append(f"cocoon.json lists {len(configs)} disks but config.json lists {len(disks)}")
+        findings.general.append(f"cocoon.json lists {len(configs)} disks but config.json lists {len(disks)}")
+    layer_disks = {id(c): i for i, c in enumerate(c for c in configs if c.role is DiskRole.LAYER)}
     for index, (config, disk) in enumerate(zip_longest(configs, disks)):
         if config is None or disk is None or not isinstance(disk, dict):
             continue
-        if disk.get("path") != config.path or bool(disk.get("readonly")) != config.ro:
-            problems.append(
-                f"disk {index}: cocoon.json {config.path} (ro={str(config.ro).lower()}) but config.json "
-                f"{disk.get('path')} (readonly={str(bool(disk.get('readonly'))).lower()})"
+        if disk.get("path") == config.path and bool(disk.get("readonly")) == config.ro:
+            continue
+        what = f"config.json disk {index} is {disk.get('path')} (readonly={str(bool(disk.get('readonly'))).lower()})"
+        if id(config) in layer_disks:
+            findings.by_layer[layer_disks[id(config)]].append(what)
+        else:
+            findings.general.append(
+                f"disk {index}: cocoon.json {config.path} (ro={str(config.ro).lower()}) but {what}"
             )
-    return problems
 
 
-def _blob_id_problems(snapshot: ResolvedSnapshot, hexes: list[str]) -> list[str]:
+def _check_blob_ids(snapshot: ResolvedSnapshot, hexes: list[str], findings: Findings) -> None:
     blob_ids = snapshot.config.image_blob_ids
     if not blob_ids:
-        return ["the snapshot config blob records no imageBlobIds"]
-    problems = [
-        f"layer {index}: cocoon.json {_digest(hex_)} is not in the config blob's imageBlobIds"
-        for index, hex_ in enumerate(hexes)
-        if hex_ and hex_ not in blob_ids
-    ]
-    problems += [
-        f"config blob imageBlobIds holds sha256:{hex_}, which is not a layer in cocoon.json"
+        findings.general.append("the snapshot config blob records no imageBlobIds")
+        return
+    for index, hex_ in enumerate(hexes):
+        if hex_ and hex_ not in blob_ids:
+            findings.by_layer[index].append("the config blob's imageBlobIds do not hold it")
+    findings.general += [
+        f"the config blob's imageBlobIds hold sha256:{hex_}, which cocoon.json does not name as a layer"
         for hex_ in sorted(blob_ids - set(hexes))
     ]
-    return problems
 
 
-def _base_problems(snapshot: ResolvedSnapshot, hexes: list[str]) -> list[str]:
+def _check_base(snapshot: ResolvedSnapshot, hexes: list[str], findings: Findings) -> None:
     base = snapshot.base_image
     if base is None:
-        return ["the snapshot config blob records no imageDigest, so its base image cannot be checked"]
+        findings.general.append(
+            "the snapshot config blob records no base image (image and imageDigest), so its layers cannot be checked"
+        )
+        return
     where = f"base manifest {base.repository}@{base.pinned.digest} (config blob imageDigest)"
     base_hexes = [layer.digest.removeprefix("sha256:") for layer in base.layers]
-    problems = []
     for index, (declared, expected) in enumerate(zip_longest(hexes, base_hexes)):
         if declared != expected:
-            problems.append(f"layer {index}: cocoon.json {_digest(declared)} ≠ {where} {_digest(expected)}")
-    return problems
+            findings.by_layer[index].append(f"{where} says {hex_to_digest(expected) or '(none)'}")
 
 
-def _boot_problems(snapshot: ResolvedSnapshot, hexes: list[str]) -> list[str]:
+def _check_boot(snapshot: ResolvedSnapshot, hexes: list[str], findings: Findings) -> None:
     payload = snapshot.ch_config.get("payload") or {}
-    problems = []
     for key in ("kernel", "initramfs"):
         path = payload.get(key)
-        if not path:
-            continue
-        match = BOOT_PATH.match(path)
-        if match is None or match.group("hex") not in hexes:
-            problems.append(f"config.json payload.{key} {path} is not a boot file of the snapshot's layers")
-    return problems
+        match = BOOT_PATH.match(path) if path else None
+        if path and (match is None or match.group("hex") not in hexes):
+            findings.general.append(
+                f"config.json payload.{key} {path} is not a boot file of the snapshot's layers"
+            )
 
 
 def check_snapshot_layers(
     snapshot: ResolvedSnapshot, expected_base: PinnedRef | None, root_dir: str, vm: str
 ) -> tuple[str, ...]:
-    """Return the snapshot's layer hexes in order, or raise LayerMismatchError listing every disagreement."""
-    hexes, problems = declared_layers(snapshot, root_dir)
-    problems += _config_disk_problems(snapshot)
-    problems += _blob_id_problems(snapshot, hexes)
-    problems += _base_problems(snapshot, hexes)
-    problems += _boot_problems(snapshot, hexes)
+    """Return the snapshot's layer hexes in order, or raise LayerMismatchError listing every disagreement.
+
+    cocoon's own checks of the disk list (``ValidateStorageConfigs``) are applied too, so a
+    snapshot cocoon would refuse to clone is refused here first.
+    """
+    findings = Findings()
+    findings.general += [
+        f"disk {i}: {problem}" for i, problem in storage_config_problems(snapshot.meta.storage_configs)
+    ]
+    hexes = declared_layers(snapshot, root_dir, findings)
+    _check_config_disks(snapshot, hexes, findings)
+    _check_blob_ids(snapshot, hexes, findings)
+    _check_base(snapshot, hexes, findings)
+    _check_boot(snapshot, hexes, findings)
     recorded = snapshot.config.image_digest
     if expected_base is not None and expected_base.digest != recorded:
-        problems.append(
+        findings.general.append(
             f"expect.baseImage {expected_base.ref} is {expected_base.digest}, but the snapshot was baked from "
             f"{snapshot.config.image} {recorded} (config blob imageDigest)"
         )
-    if problems:
+    lines = findings.lines(hexes)
+    if lines:
         raise LayerMismatchError(
             f"VM {vm}: snapshot {snapshot.pinned.ref}@{snapshot.pinned.digest} does not agree with itself "
             f"about its {len(hexes)} base layers",
-            detail="\n".join(f"  {line}" for line in problems),
+            detail="\n".join(f"  {line}" for line in lines),
             hint="rebuild or re-push the snapshot from the intended base image; cocoonplan never substitutes layers",
         )
     return tuple(hexes)

@@ -93,14 +93,17 @@ class DesiredVM(Model):
     """Where the spec was written (relative to the project); None for a VM no spec defines."""
     vm_id: str
     """The cocoon VM ID: the running VM's, or one cocoonplan derives for a new VM."""
-    source: PinnedRef
-    """The snapshot (clone) or image (run) the VM comes from."""
+    source: PinnedRef | None
+    """The snapshot (clone) or image (run) the VM comes from; None only for a VM on a node
+    whose record names none."""
     base_image: PinnedRef | None
     """Clone mode: the image the snapshot was baked from, by the digest it recorded."""
     cpu: int
     memory: int
     storage: int
     nics: int
+    network: str
+    """cocoon network (CNI conflist) name; empty for cocoon's default."""
     blobs: tuple[PlannedBlob, ...]
     disks: tuple[PlannedDisk, ...]
     config: dict[str, Any]

@@ -5,9 +5,19 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from cocoonplan.cocoon import StorageConfig
+from cocoonplan.errors import PlanError
 from cocoonplan.model import digest_hex
 from cocoonplan.planner.model import BlobKind, PlannedBlob, PlannedDisk
 from cocoonplan.resolved import BlobRef
+
+
+def check_host_cpus(vm: str, cpu: int, host_cpus: int) -> None:
+    """cocoon refuses a VM with more vCPUs than the node has (``Create``); so does the plan."""
+    if cpu > host_cpus:
+        raise PlanError(
+            f"VM {vm}: cpu {cpu} is more than the node's {host_cpus} CPUs",
+            hint="lower cpu, or correct the node's cpus in cocoonplan.yaml",
+        )
 
 
 def layer_blobs(layers: Iterable[BlobRef], present: frozenset[str]) -> list[PlannedBlob]:

@@ -17,7 +17,7 @@ from cocoonplan.model import digest_hex
 from cocoonplan.planner.hypervisor import Boot, Tuning, build_cmdline, launch_command, run_config
 from cocoonplan.planner.identity import Identity
 from cocoonplan.planner.model import DesiredVM, Mode
-from cocoonplan.planner.parts import layer_blobs, planned_disks
+from cocoonplan.planner.parts import check_host_cpus, layer_blobs, planned_disks
 from cocoonplan.project import NodeConfig
 from cocoonplan.resolved import ResolvedImage
 from cocoonplan.spec import DataDisk, DirectIO, LoadedSpec
@@ -80,6 +80,7 @@ def plan_run(
         no_direct_io=body.no_direct_io,
         hugepages=node.hugepages,
     )
+    check_host_cpus(spec.name, tuning.cpu, node.cpus)
     boot = Boot(
         kernel=boot_path(node.root_dir, digest_hex(image.kernel_layer), "vmlinuz"),
         initrd=boot_path(node.root_dir, digest_hex(image.initrd_layer), "initrd.img"),
@@ -98,6 +99,7 @@ def plan_run(
         memory=tuning.memory,
         storage=body.storage or DEFAULT_STORAGE,
         nics=len(identity.nics),
+        network=body.network or "",
         blobs=tuple(layer_blobs(image.layers, present)),
         disks=planned_disks(disks, layer_digests + [None] * (len(disks) - len(layer_digests))),
         config=run_config(disks=disks, nics=identity.nics, boot=boot, tuning=tuning),

@@ -50,6 +50,15 @@ def render_human(document: dict[str, Any]) -> str:
     return template.render(doc=document, vms=_by_severity(document))
 
 
+def _cut(text: str, size: int, limit: int) -> str:
+    """``text`` cut to ``size`` characters with a note, any open code block closed."""
+    note = f"\n_… cut here: the comment would exceed {limit} characters; see `cocoonplan show`._\n\n"
+    kept = text[: size - len(note) - 5]
+    if kept.count("```") % 2:
+        kept += "\n```"
+    return kept + note
+
+
 def render_markdown(document: dict[str, Any], limit: int = MARKDOWN_LIMIT) -> str:
     """A pull-request comment of at most ``limit`` characters.
 
@@ -58,6 +67,8 @@ def render_markdown(document: dict[str, Any], limit: int = MARKDOWN_LIMIT) -> st
     """
     env = _environment()
     head = env.get_template("plan.md.j2").render(doc=document)
+    if len(head) > limit // 2:
+        head = _cut(head, limit // 2, limit)
     section = env.get_template("vm.md.j2")
     parts = [head]
     used = len(head)

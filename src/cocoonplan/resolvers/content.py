@@ -61,7 +61,8 @@ class Content:
         """Fetch a small blob (at most 16 MiB), verified against its descriptor."""
         if descriptor.size > MAX_JSON_BLOB:
             raise ResolveError(
-                f"blob {descriptor.digest} of {ref.name} is {descriptor.size} bytes; at most {MAX_JSON_BLOB} are read for planning"
+                f"blob {descriptor.digest} of {ref.name} is {descriptor.size} bytes; at most {MAX_JSON_BLOB} are read for planning",
+                hint="cocoon.json, config.json and config blobs are small; the artifact is malformed",
             )
         return self._sources.store_for(ref.registry).get_blob(ref.repository, descriptor)
 

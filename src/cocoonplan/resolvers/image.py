@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import posixpath
 import tarfile
 import tempfile
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from cocoonplan.errors import ResolveError
 from cocoonplan.model import digest_hex
-from cocoonplan.oci.manifest import Descriptor, Manifest
+from cocoonplan.oci.manifest import IMAGE_CONFIG_TYPES, Descriptor, Manifest
 from cocoonplan.oci.reference import Reference
 from cocoonplan.resolved import BlobRef, PinnedRef, ResolvedImage
 from cocoonplan.resolvers.content import Content
@@ -18,26 +19,27 @@ from cocoonplan.resolvers.content import Content
 def boot_files_in(names_and_types: list[tuple[str, bool]]) -> tuple[bool, bool]:
     """Whether a layer's entries hold a kernel and an initrd, by cocoon's rules (§3.4).
 
-    Only regular files count; after cleaning, the directory must be exactly ``boot``; the
-    name starts with ``vmlinuz`` or ``initrd.img`` and does not end in ``.old``.
+    Only regular files count (tar type ``0`` or the legacy ``\\0``: no symlinks or hard
+    links); after cleaning the name as Go's ``filepath.Clean`` does, its directory must be
+    exactly ``boot`` or ``.``; the base name starts with ``vmlinuz`` or ``initrd.img`` and does
+    not end in ``.old``. Absolute names never match.
     """
     kernel = initrd = False
     for name, regular in names_and_types:
         if not regular or name.startswith("/"):
             continue
-        path = PurePosixPath(name)
-        parent = str(path.parent)
-        if parent not in ("boot", "./boot") or path.name.endswith(".old"):
+        directory, base = posixpath.split(posixpath.normpath(name))
+        if directory not in ("boot", "") or base.endswith(".old"):
             continue
-        kernel = kernel or path.name.startswith("vmlinuz")
-        initrd = initrd or path.name.startswith("initrd.img")
+        kernel = kernel or base.startswith("vmlinuz")
+        initrd = initrd or base.startswith("initrd.img")
     return kernel, initrd
 
 
 def _scan_layer(path: Path, what: str) -> tuple[bool, bool]:
     try:
         with tarfile.open(path, mode="r:*") as archive:
-            entries = [(member.name, member.isreg()) for member in archive]
+            entries = [(m.name, m.type in (tarfile.REGTYPE, tarfile.AREGTYPE)) for m in archive]
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise ResolveError(f"{what} is not a readable tar layer: {exc}") from exc
     return boot_files_in(entries)
@@ -53,15 +55,20 @@ class BootScanner:
     def scan(self, ref: Reference, layer: Descriptor) -> tuple[bool, bool]:
         """(has kernel, has initrd) for one layer; downloads it once, verified."""
         record = self._cache / "boot-scan" / f"{digest_hex(layer.digest)}.json"
-        if record.is_file():
+        try:
             found = json.loads(record.read_text())
             return bool(found["kernel"]), bool(found["initrd"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # not scanned yet, or a damaged record: scan again
+
         with tempfile.TemporaryDirectory(prefix="cocoonplan-layer-") as scratch:
             target = Path(scratch) / "layer"
             self._content.store_for(ref.registry).download_blob(ref.repository, layer, target)
             kernel, initrd = _scan_layer(target, f"layer {layer.digest} of {ref.name}")
         record.parent.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps({"kernel": kernel, "initrd": initrd}))
+        temp = record.with_name(f".{record.name}.tmp")
+        temp.write_text(json.dumps({"kernel": kernel, "initrd": initrd}))
+        temp.replace(record)
         return kernel, initrd
 
 
@@ -85,6 +92,14 @@ def resolve_image(content: Content, ref: Reference, label: str, scanner: BootSca
     As cocoon does, the last layer in manifest order holding a kernel (initrd) wins.
     """
     manifest = content.manifest(ref)
+    # Refuse anything but an image before downloading layers: a snapshot artifact's "layers"
+    # are disk and memory files of many GiB.
+    if manifest.config.media_type not in IMAGE_CONFIG_TYPES or manifest.artifact_type:
+        kind = manifest.artifact_type or manifest.config.media_type
+        raise ResolveError(
+            f"{label}@{manifest.digest} is not an OCI image (config {manifest.config.media_type}, type {kind})",
+            hint="run mode boots an OCI image; a cocoon snapshot is cloned with `snapshot:`",
+        )
     kernel = initrd = None
     if scanner is not None:
         for layer in manifest.layers:

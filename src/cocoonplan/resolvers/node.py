@@ -31,7 +31,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from cocoonplan.cocoon import SnapshotMeta
 from cocoonplan.errors import StateError
-from cocoonplan.model import Model
+from cocoonplan.model import Model, sha256_digest
 from cocoonplan.observed import (
     OWNERSHIP_FILE,
     STATE_FORMAT_VERSION,
@@ -269,12 +269,14 @@ def _with_run_files(root: _Root, db: str, vm: ObservedVM) -> ObservedVM:
         problem = "is not a directory" if local.exists() else "is missing"
         _fail(rel, f"run directory of {label} {problem}", "copy the node's root dir with its run dir")
     config = root.json(f"{rel}/config.json")
+    raw_config = root.read(f"{rel}/config.json")
     if config is not None:
         _object(config, f"{rel}/config.json", "the document", _RECOPY)
     meta = root.json(f"{rel}/cocoon.json")
     return vm.model_copy(
         update={
             "runtime_config": config,
+            "runtime_config_sha256": None if raw_config is None else sha256_digest(raw_config),
             "runtime_meta": None
             if meta is None
             else root.validate(SnapshotMeta, meta, f"{rel}/cocoon.json", "the snapshot sidecar", _RECOPY),

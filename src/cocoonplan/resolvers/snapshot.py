@@ -8,7 +8,7 @@ from pydantic import ValidationError
 
 from cocoonplan.cocoon import SnapshotConfig, SnapshotMeta
 from cocoonplan.errors import ReferenceFormatError, ResolveError
-from cocoonplan.oci.manifest import BASE_IMAGE_ANNOTATION, MediaType
+from cocoonplan.oci.manifest import BASE_IMAGE_ANNOTATION, Descriptor, MediaType
 from cocoonplan.oci.reference import Reference, parse_reference
 from cocoonplan.resolved import BlobRef, PinnedRef, ResolvedImage, ResolvedSnapshot
 from cocoonplan.resolvers.content import Content
@@ -39,6 +39,32 @@ def _resolve_base(content: Content, ref: Reference | None, label: str | None) ->
     )
 
 
+def _check_kind(config: SnapshotConfig, what: str) -> None:
+    if config.hypervisor and config.hypervisor != "cloud-hypervisor":
+        raise ResolveError(
+            f"{what} is a {config.hypervisor} snapshot; cocoonplan plans Cloud Hypervisor clones only",
+            hint="clone it with cocoon directly, or bake a Cloud Hypervisor snapshot",
+        )
+    if config.image_type and config.image_type != "oci":
+        raise ResolveError(
+            f"{what} was baked from a {config.image_type} image; cocoonplan plans snapshots of OCI images only",
+            hint="cloud-image (qcow2) snapshots are not supported yet",
+        )
+
+
+def _files_by_title(layers: tuple[Descriptor, ...], what: str) -> dict[str, Descriptor]:
+    # Titles become file names when the snapshot is imported: each must be a plain, unique name.
+    by_title: dict[str, Descriptor] = {}
+    for layer in layers:
+        title = layer.title
+        if not title or "/" in title or title in (".", "..") or "\0" in title:
+            raise ResolveError(f"{what}: layer {layer.digest} has no usable file name (title {title!r})")
+        if title in by_title:
+            raise ResolveError(f"{what}: two layers are titled {title!r}")
+        by_title[title] = layer
+    return by_title
+
+
 def resolve_snapshot(content: Content, ref: Reference, label: str) -> ResolvedSnapshot:
     """Resolve the snapshot ``ref`` (pinned by digest) and the files a plan is made from."""
     manifest = content.manifest(ref)
@@ -58,7 +84,8 @@ def resolve_snapshot(content: Content, ref: Reference, label: str) -> ResolvedSn
         config = SnapshotConfig.model_validate(content.json_blob(ref, manifest.config, f"{what} config blob"))
     except ValidationError as exc:
         raise ResolveError(f"{what}: config blob is not a cocoon snapshot config: {exc}") from exc
-    by_title = {layer.title: layer for layer in manifest.layers if layer.title}
+    _check_kind(config, what)
+    by_title = _files_by_title(manifest.layers, what)
     missing = [name for name in REQUIRED_FILES if name not in by_title]
     if missing:
         raise ResolveError(
