@@ -7,11 +7,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cocoonplan.context import ProjectContext
 from cocoonplan.oci.cache import CachingStore
 from cocoonplan.oci.layout import LayoutStore
 from cocoonplan.oci.registry import RegistryStore
 from cocoonplan.oci.sources import Sources, is_loopback, open_sources
-from cocoonplan.project import Project, ProjectContext, RegistrySource
+from cocoonplan.project import Project, RegistrySource
 from registry_server import RegistryServer, basic_auth_entry, push_files, write_docker_config
 
 

@@ -1,4 +1,8 @@
-"""The planner is pure: nothing under planner/ may import I/O, clocks or randomness."""
+"""The planner is pure: nothing it imports, directly or through cocoonplan modules, does I/O.
+
+Every cocoonplan module reachable from ``cocoonplan.planner`` is scanned: none may import
+networking, processes, files, clocks or randomness, nor call ``open``/``print``/``input``.
+"""
 
 from __future__ import annotations
 
@@ -7,32 +11,23 @@ from pathlib import Path
 
 import pytest
 
-PLANNER = Path(__file__).resolve().parent.parent / "src" / "cocoonplan" / "planner"
+SRC = Path(__file__).resolve().parent.parent / "src"
 FORBIDDEN_MODULES = {
-    "httpx",
-    "oras",
-    "requests",
-    "subprocess",
-    "socket",
-    "os",
-    "shutil",
-    "tempfile",
-    "time",
-    "datetime",
-    "random",
-    "secrets",
-    "uuid",
-    "pathlib",
-    "io",
-    "urllib",
-    "cocoonplan.api",
-    "cocoonplan.resolvers",
-    "cocoonplan.oci.sources",
-    "cocoonplan.oci.registry",
-    "cocoonplan.oci.layout",
+    "httpx", "oras", "requests", "subprocess", "socket", "os", "shutil", "tempfile", "time", "datetime",
+    "random", "secrets", "uuid", "pathlib", "io", "urllib", "yaml", "tarfile",
+    "cocoonplan.api", "cocoonplan.resolvers", "cocoonplan.document", "cocoonplan.specfile",
+    "cocoonplan.context", "cocoonplan.oci.sources", "cocoonplan.oci.registry", "cocoonplan.oci.layout",
     "cocoonplan.oci.cache",
-}
+}  # fmt: skip
 FORBIDDEN_CALLS = {"open", "print", "input", "exec", "eval"}
+
+
+def _module_file(name: str) -> Path | None:
+    base = SRC.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def _imports(tree: ast.AST) -> set[str]:
@@ -42,6 +37,11 @@ def _imports(tree: ast.AST) -> set[str]:
             names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
             names.add(node.module)
+            names |= {
+                f"{node.module}.{alias.name}"
+                for alias in node.names
+                if _module_file(f"{node.module}.{alias.name}")
+            }
     return names
 
 
@@ -49,18 +49,44 @@ def _forbidden(name: str) -> bool:
     return any(name == bad or name.startswith(bad + ".") for bad in FORBIDDEN_MODULES)
 
 
-@pytest.mark.parametrize("module", sorted(p.name for p in PLANNER.glob("*.py")))
-def test_planner_module_is_pure(module: str) -> None:
-    tree = ast.parse((PLANNER / module).read_text())
-    assert sorted(n for n in _imports(tree) if _forbidden(n)) == []
-    calls = {
-        node.func.id
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
-    }
+def closure(root: str) -> dict[str, set[str]]:
+    """Every cocoonplan module reachable from ``root``, with the modules each imports."""
+    seen: dict[str, set[str]] = {}
+    todo = [root]
+    while todo:
+        name = todo.pop()
+        path = _module_file(name)
+        if name in seen or path is None:
+            continue
+        imports = _imports(ast.parse(path.read_text()))
+        if path.name == "__init__.py":
+            imports |= {f"{name}.{p.stem}" for p in path.parent.glob("*.py") if p.stem != "__init__"}
+        seen[name] = imports
+        todo += [i for i in imports if i.startswith("cocoonplan")]
+    return seen
+
+
+PLANNER = closure("cocoonplan.planner")
+
+
+def test_the_closure_reaches_the_planners_inputs() -> None:
+    assert {
+        "cocoonplan.planner.compile",
+        "cocoonplan.spec",
+        "cocoonplan.resolved",
+        "cocoonplan.observed",
+    } <= set(PLANNER)
+
+
+@pytest.mark.parametrize("module", sorted(PLANNER))
+def test_module_reachable_from_the_planner_is_pure(module: str) -> None:
+    assert sorted(n for n in PLANNER[module] if _forbidden(n)) == []
+    tree = ast.parse(_module_file(module).read_text())  # type: ignore[union-attr]
+    calls = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
     assert calls & FORBIDDEN_CALLS == set()
 
 
 def test_the_scan_would_catch_an_impure_import() -> None:
     tree = ast.parse("import os\nfrom httpx import Client\nfrom cocoonplan.resolvers.node import x\n")
     assert sorted(n for n in _imports(tree) if _forbidden(n)) == ["cocoonplan.resolvers.node", "httpx", "os"]
+    assert "cocoonplan.specfile" in closure("cocoonplan.api")

@@ -16,6 +16,7 @@ import httpx
 from pydantic import ValidationError
 
 from cocoonplan import __version__
+from cocoonplan.context import ProjectContext
 from cocoonplan.document import read_documents
 from cocoonplan.errors import CocoonplanError, LockError, SpecError, StateError
 from cocoonplan.lock import LockedDigests, LockEntry, LockFile, RefKind, encode_lock, read_lock
@@ -24,14 +25,15 @@ from cocoonplan.oci.reference import parse_reference
 from cocoonplan.oci.sources import open_sources
 from cocoonplan.planner import Plan, PlanInput, make_plan
 from cocoonplan.planner.model import Diagnostic, LockChange
-from cocoonplan.project import LOCK_FILE, PROJECT_FILE, Project, ProjectContext
+from cocoonplan.project import LOCK_FILE, PROJECT_FILE, Project
 from cocoonplan.resolved import NodeView, PinnedRef, ResolvedVM, RunningBase
 from cocoonplan.resolvers.content import Content
 from cocoonplan.resolvers.image import BootScanner, resolve_image
 from cocoonplan.resolvers.node import DEFAULT_ROOT_DIR, present_layers, read_node_root, read_node_state
 from cocoonplan.resolvers.pins import Pinner
 from cocoonplan.resolvers.snapshot import resolve_snapshot
-from cocoonplan.spec import LoadedSpec, check_unique, load_specs
+from cocoonplan.spec import LoadedSpec
+from cocoonplan.specfile import check_unique, load_specs
 
 SPEC_SUFFIXES = (".yaml", ".yml")
 

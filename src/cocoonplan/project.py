@@ -8,7 +8,6 @@ directory, and where each node's cocoon state is found.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -84,17 +83,3 @@ class Project(Model):
         return nodes
 
     model_config = Model.model_config | {"populate_by_name": True}
-
-
-class ProjectContext(Model):
-    """A project file together with the directory its relative paths are resolved against."""
-
-    project: Project
-    directory: Path
-    """The directory holding ``cocoonplan.yaml`` (or the working directory without one)."""
-    file: Path | None
-    """The project file, when one was found."""
-
-    def resolve(self, relative: str) -> Path:
-        """Resolve a path written in the project file."""
-        return (self.directory / relative).resolve()

@@ -21,13 +21,13 @@ from collections.abc import Mapping
 
 import httpx
 
+from cocoonplan.context import ProjectContext
 from cocoonplan.oci.cache import BlobCache, CachingStore
 from cocoonplan.oci.credentials import load_credentials
 from cocoonplan.oci.layout import LayoutStore
 from cocoonplan.oci.reference import DOCKER_HUB
 from cocoonplan.oci.registry import RegistryStore
 from cocoonplan.oci.store import ContentStore
-from cocoonplan.project import ProjectContext
 
 DOCKER_HUB_ENDPOINT = "https://registry-1.docker.io"
 """Docker Hub's distribution API; ``docker.io`` itself only redirects browsers."""
