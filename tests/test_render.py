@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,12 @@ def test_disk_changes_collapse_into_ranges() -> None:
         {"path": "disks[11]", "before": disk("x", "e"), "after": None},
         {"path": "config.memory.size", "before": 1, "after": 2},
     ]
+    moved_cow = {
+        "path": "disks[12]",
+        "before": {"serial": "cocoon-cow", "role": "cow", "readonly": False, "path": "/run/A/cow.raw"},
+        "after": {"serial": "cocoon-cow", "role": "cow", "readonly": False, "path": "/run/B/cow.raw"},
+    }
+    assert change_lines([moved_cow]) == ['~ disks[12] cocoon-cow: path "/run/A/cow.raw" → "/run/B/cow.raw"']
     assert change_lines(changes) == [
         f"~ disks[2] cocoon-layer2: {'a' * 12}…erofs → {'b' * 12}…erofs",
         "+ disks[6..8] cocoon-layer6, cocoon-layer7, cocoon-layer8",
@@ -77,11 +84,16 @@ def test_disk_changes_collapse_into_ranges() -> None:
     ]
 
 
-def test_render_needs_nothing_but_the_document(document: dict[str, Any], tmp_path: Path) -> None:
-    # The saved document alone reproduces the human view: no model, no network, no node.
-    out = tmp_path / "plan.json"
-    out.write_text(json.dumps(document))
-    assert render_human(json.loads(out.read_text())) == render_human(document)
+def test_show_needs_nothing_but_the_saved_document(tmp_path: Path) -> None:
+    # A saved plan renders with no project, layout, lock or node state anywhere near it.
+    project = copy_examples(tmp_path / "examples")
+    out = tmp_path / "elsewhere" / "plan.json"
+    out.parent.mkdir()
+    planned = run_cli(["plan", ".", "--out", str(out)], project).stdout
+    shutil.rmtree(project)
+    shown = run_cli(["show", "plan.json"], out.parent)
+    assert shown.exit_code == 0
+    assert shown.stdout == planned
 
 
 def test_a_huge_error_list_is_cut_too(document: dict[str, Any]) -> None:

@@ -24,6 +24,8 @@ DATA = StorageConfig(
 
 def test_a_valid_list_has_no_problems() -> None:
     assert storage_config_problems((LAYER, COW, DATA)) == []
+    # direct_io is an override data disks may carry (only data disks).
+    assert storage_config_problems((LAYER, COW, DATA.model_copy(update={"direct_io": False}))) == []
 
 
 @pytest.mark.parametrize(
@@ -32,7 +34,20 @@ def test_a_valid_list_has_no_problems() -> None:
         ((LAYER.model_copy(update={"ro": False}), COW), (0, "a layer disk must be read-only")),
         ((LAYER, COW.model_copy(update={"ro": True})), (1, "a cow disk must be writable")),
         ((LAYER, COW.model_copy(update={"direct_io": True})), (1, "a cow disk cannot carry direct_io")),
-        ((LAYER,), (1, "the disk list has no cow disk; a clone needs one")),
+        ((LAYER,), (-1, "the disk list has no cow disk; a clone needs one")),
+        (
+            (LAYER, COW, LAYER.model_copy(update={"role": DiskRole.CIDATA, "ro": False})),
+            (2, "a cidata disk must be read-only"),
+        ),
+        ((COW, DATA.model_copy(update={"ro": True})), (1, "a data disk must be writable")),
+        (
+            (COW, DATA.model_copy(update={"mount_point": "/mnt/a\nb"})),
+            (1, "data disk db has an invalid mount point '/mnt/a\\nb'"),
+        ),
+        (
+            (COW, DATA.model_copy(update={"serial": "db\n"})),
+            (1, "data disk serial 'db\\n' is not a valid data disk name"),
+        ),
         (
             (COW, DATA.model_copy(update={"fstype": "xfs"})),
             (1, "data disk db needs fstype ext4 or none, not 'xfs'"),

@@ -7,6 +7,7 @@ All I/O arrives through :class:`Environment`, never from globals.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,10 +21,11 @@ from cocoonplan.context import ProjectContext
 from cocoonplan.document import read_documents
 from cocoonplan.errors import CocoonplanError, LockError, SpecError, StateError
 from cocoonplan.lock import LockedDigests, LockEntry, LockFile, RefKind, encode_lock, read_lock
+from cocoonplan.model import NAME_PATTERN
 from cocoonplan.observed import NodeState, ObservedVM
 from cocoonplan.oci.reference import parse_reference
 from cocoonplan.oci.sources import open_sources
-from cocoonplan.planner import Plan, PlanInput, make_plan
+from cocoonplan.planner import Action, Plan, PlanInput, make_plan
 from cocoonplan.planner.model import Diagnostic, LockChange
 from cocoonplan.project import LOCK_FILE, PROJECT_FILE, Project
 from cocoonplan.resolved import NodeView, PinnedRef, ResolvedVM, RunningBase
@@ -33,9 +35,7 @@ from cocoonplan.resolvers.node import DEFAULT_ROOT_DIR, present_layers, read_nod
 from cocoonplan.resolvers.pins import Pinner
 from cocoonplan.resolvers.snapshot import resolve_snapshot
 from cocoonplan.spec import LoadedSpec
-from cocoonplan.specfile import check_unique, load_specs
-
-SPEC_SUFFIXES = (".yaml", ".yml")
+from cocoonplan.specfile import check_unique, index_project, load_specs, spec_files
 
 
 @dataclass(frozen=True)
@@ -95,31 +95,10 @@ def load_project(file: Path, display: str) -> Project:
         raise document.validation_error(exc) from exc
 
 
-def spec_files(paths: Sequence[Path], cwd: Path) -> list[Path]:
-    """The YAML files named, and those found below named directories, sorted, without duplicates."""
-    files: list[Path] = []
-    for path in paths:
-        full = (cwd / path).resolve()
-        if full.is_dir():
-            files += sorted(
-                p
-                for p in full.rglob("*")
-                if p.suffix in SPEC_SUFFIXES
-                and p.is_file()
-                and p.name != PROJECT_FILE
-                and not any(part.startswith(".") for part in p.relative_to(full).parts)
-            )
-        elif full.is_file():
-            files.append(full)
-        else:
-            raise CocoonplanError(
-                f"{path}: no such file or directory", hint="name spec files or directories that exist"
-            )
-    return list(dict.fromkeys(files))
-
-
 def load_all(paths: Sequence[Path], environment: Environment) -> tuple[ProjectContext, list[LoadedSpec]]:
-    """Find the project and load every VM spec under ``paths``; any invalid spec fails the whole call."""
+    """Find the project and load every VM spec under ``paths`` (none: the working directory);
+    any invalid spec fails the whole call."""
+    paths = list(paths) or [Path()]
     context = find_project(paths, environment.cwd)
     specs: list[LoadedSpec] = []
     for file in spec_files(paths, environment.cwd):
@@ -144,8 +123,11 @@ def state_overrides(
     nodes = sorted(context.project.nodes)
     overrides: dict[str, Path] = {}
     for value in values:
-        node, sep, path = value.rpartition("=")
-        if not sep:
+        node, sep, path = value.partition("=")
+        # NODE= only when the prefix is a node name; a path may hold "=" itself.
+        if not sep or not re.fullmatch(NAME_PATTERN, node):
+            node, path = "", value
+        if not node:
             if len(nodes) != 1:
                 raise CocoonplanError(
                     f"state location {value!r} does not say which node it is for",
@@ -164,6 +146,8 @@ def state_overrides(
                 f"{path} is not {wanted}",
                 hint="--root takes a node's root directory, --state a file from `cocoonplan state export`",
             )
+        if node in overrides:
+            raise CocoonplanError(f"node {node} is given two state locations", hint="give one per node")
         overrides[node] = location
     return overrides
 
@@ -191,9 +175,11 @@ def running_base(vm: ObservedVM, state: NodeState, content: Content) -> RunningB
     if image is not None:
         return RunningBase(ref=image.ref, digest=image.manifest_digest, layers=image.layers)
     if not digest or not vm.settings.image:
+        missing = "image digest" if not digest else "image reference"
         raise StateError(
-            f"VM {vm.name} ({vm.id}) records no image digest, so its layers cannot be checked",
-            hint="cocoon records image_digest for OCI VMs; check the VM's record in vms.json",
+            f"VM {vm.name} ({vm.id}) records no {missing}, and images.json has no image of digest "
+            f"{digest or '(none)'}, so its layers cannot be checked",
+            hint="cocoon records image and image_digest for OCI VMs; check the VM's record in vms.json",
         )
     ref = parse_reference(vm.settings.image).with_digest(digest)
     manifest = content.manifest(ref, digest)
@@ -272,7 +258,10 @@ def plan(
     lock_path, lock_display = _lock_path(context)
     lock = read_lock(lock_path, lock_display)
     overrides = state_overrides(roots, context, environment.cwd, directories=True)
-    overrides |= state_overrides(states, context, environment.cwd, directories=False)
+    from_files = state_overrides(states, context, environment.cwd, directories=False)
+    if both := sorted(overrides.keys() & from_files.keys()):
+        raise CocoonplanError(f"--root and --state both name node {both[0]}", hint="give one per node")
+    overrides |= from_files
     nodes = read_nodes(context, overrides)
     inputs: list[PlanInput] = []
     errors: list[Diagnostic] = []
@@ -294,7 +283,7 @@ def plan(
         inputs,
         nodes=views,
         tool_version=__version__,
-        claimed=[(s.spec.spec.node, s.spec.name) for s in specs],
+        claimed={*index_project(context.directory).vms, *((s.spec.spec.node, s.spec.name) for s in specs)},
         scope=[_display(environment.cwd / p, context.directory) for p in paths] or ["."],
         refresh_only=refresh_only,
         lock_changes=tuple(pinner.changes.values()),
@@ -316,7 +305,8 @@ class LockResult:
 def lock(paths: Sequence[Path], environment: Environment, *, update: bool = False) -> LockResult:
     """Resolve every reference once and write ``cocoonplan.lock``; ``update`` re-resolves moved tags.
 
-    Entries no spec references any more are dropped. Nothing is written when a reference fails.
+    Entries no spec anywhere in the project references any more are dropped (locking part of
+    the project keeps the others'). Nothing is written when a reference fails.
     """
     context, specs = load_all(paths, environment)
     lock_path, lock_display = _lock_path(context)
@@ -343,8 +333,10 @@ def lock(paths: Sequence[Path], environment: Environment, *, update: bool = Fals
                     kind=kind,
                     locked=LockedDigests(digest=pinned.digest, base_image_digest=base),
                 )
-    new = LockFile(references=tuple(entries.values()))
-    removed = tuple(sorted(e.original for e in old.references if e.original not in entries))
+    in_use = index_project(context.directory).references
+    kept = [e for e in old.references if e.original not in entries and e.original in in_use]
+    new = LockFile(references=(*entries.values(), *kept))
+    removed = tuple(sorted(e.original for e in old.references if e.original not in entries and e not in kept))
     text = encode_lock(new)
     written = not lock_path.exists() or lock_path.read_text() != text
     if written:
@@ -353,6 +345,23 @@ def lock(paths: Sequence[Path], environment: Environment, *, update: bool = Fals
         temp.replace(lock_path)
     applied = tuple(c for c in pinner.changes.values() if update or c.before is None)
     return LockResult(path=lock_path, changes=applied, removed=removed, written=written)
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A plan for ``render``, with the VMs other specs of the project still define."""
+
+    plan: Plan
+    elsewhere: frozenset[tuple[str, str]]
+    """(node, VM) pairs defined by specs outside the rendered paths: their files are kept."""
+
+
+def render(paths: Sequence[Path], environment: Environment) -> Rendered:
+    """Plan for ``render --dir``: the plan, and which other VMs' rendered files must be kept."""
+    result = plan(paths, environment)
+    context, _ = load_all(paths, environment)
+    planned = {(vm.node, vm.name) for vm in result.vms if vm.action is not Action.DELETE}
+    return Rendered(plan=result, elsewhere=index_project(context.directory).vms - planned)
 
 
 def validate(paths: Sequence[Path], environment: Environment) -> list[LoadedSpec]:

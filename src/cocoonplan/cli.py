@@ -166,13 +166,17 @@ def render(
 ) -> None:
     """Write each VM's config.json, disks.json and launch line for a GitOps repo."""
     try:
-        result = api.plan(paths or [Path()], _environment())
+        rendered = api.render(paths or [Path()], _environment())
     except CocoonplanError as exc:
         raise _fail(exc) from exc
+    result, keep = rendered.plan, rendered.elsewhere
     if result.errors:
         sys.stdout.write(render_human(plan_document(result)))
         raise typer.Exit(1)
-    changed = differences(result, directory) if check else write_tree(result, directory)
+    try:
+        changed = differences(result, directory, keep) if check else write_tree(result, directory, keep)
+    except CocoonplanError as exc:
+        raise _fail(exc) from exc
     for line in changed:
         typer.echo(line)
     if check and changed:

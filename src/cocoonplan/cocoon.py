@@ -109,7 +109,8 @@ READ_ONLY_ROLES = (DiskRole.LAYER, DiskRole.CIDATA)
 def storage_config_problems(configs: tuple[StorageConfig, ...]) -> list[tuple[int, str]]:
     """cocoon's ``ValidateStorageConfigs`` (§4 role rules), plus "at least one cow disk" (§8.5).
 
-    Returns (disk index, problem) pairs; empty when cocoon would accept the list.
+    Returns (disk index, problem) pairs, index -1 for the list as a whole; empty when cocoon
+    would accept the list.
     """
     problems: list[tuple[int, str]] = []
     for index, config in enumerate(configs):
@@ -133,16 +134,16 @@ def storage_config_problems(configs: tuple[StorageConfig, ...]) -> list[tuple[in
         mount = config.mount_point or ""
         if mount and (not mount.startswith("/") or "\0" in mount or "\n" in mount):
             problems.append((index, f"data disk {config.serial} has an invalid mount point {mount!r}"))
-        if not DATA_DISK_NAME.match(config.serial) or config.serial.startswith("cocoon-"):
+        if not DATA_DISK_NAME.fullmatch(config.serial) or config.serial.startswith("cocoon-"):
             problems.append((index, f"data disk serial {config.serial!r} is not a valid data disk name"))
     if not any(c.role is DiskRole.COW for c in configs):
-        problems.append((len(configs), "the disk list has no cow disk; a clone needs one"))
+        problems.append((-1, "the disk list has no cow disk; a clone needs one"))
     return problems
 
 
 def layer_hex(config: StorageConfig) -> str | None:
     """The OCI layer digest hex a layer disk's path names, or None if it is not a blob path."""
-    match = BLOB_PATH.match(config.path)
+    match = BLOB_PATH.fullmatch(config.path)
     return match.group("hex") if match else None
 
 

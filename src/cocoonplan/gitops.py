@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from pathlib import Path
 
 from cocoonplan.errors import PlanError
@@ -53,20 +54,27 @@ def existing_tree(directory: Path) -> dict[str, str]:
     }
 
 
-def differences(plan: Plan, directory: Path) -> list[str]:
-    """Paths whose committed content differs from the plan: changed, missing or stale."""
+def _stale(plan: Plan, directory: Path, keep: Collection[tuple[str, str]]) -> list[str]:
+    # Files of a VM that a spec outside the rendered paths defines are not this render's to remove.
+    wanted = render_tree(plan)
+    return [p for p in existing_tree(directory) if p not in wanted and tuple(p.split("/")[:2]) not in keep]
+
+
+def differences(plan: Plan, directory: Path, keep: Collection[tuple[str, str]] = ()) -> list[str]:
+    """Paths whose committed content differs from the plan: changed, missing, or stale (files of
+    VMs no spec defines; ``keep`` lists (node, VM) pairs defined elsewhere)."""
     wanted = render_tree(plan)
     have = existing_tree(directory)
     return sorted(
         [f"changed: {p}" for p in wanted if p in have and have[p] != wanted[p]]
         + [f"missing: {p}" for p in wanted if p not in have]
-        + [f"stale:   {p}" for p in have if p not in wanted]
+        + [f"stale:   {p}" for p in _stale(plan, directory, keep)]
     )
 
 
-def write_tree(plan: Plan, directory: Path) -> list[str]:
+def write_tree(plan: Plan, directory: Path, keep: Collection[tuple[str, str]] = ()) -> list[str]:
     """Write the rendered files and remove stale ones; returns the paths that changed."""
-    changed = differences(plan, directory)
+    changed = differences(plan, directory, keep)
     for path, text in render_tree(plan).items():
         target = _inside(directory, path)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -74,6 +82,6 @@ def write_tree(plan: Plan, directory: Path) -> list[str]:
             temp = target.with_name(f".{target.name}.tmp")
             temp.write_text(text)
             temp.replace(target)
-    for path in set(existing_tree(directory)) - set(render_tree(plan)):
+    for path in _stale(plan, directory, keep):
         _inside(directory, path).unlink()
     return changed

@@ -63,6 +63,8 @@ class Owner(Model):
     """The spec file (relative to the project) that defined the VM when it was applied."""
     source: Digest
     """The snapshot or image manifest digest it was created from."""
+    source_ref: str | None = None
+    """The snapshot or image reference as the spec wrote it (a label)."""
     config_sha256: Digest | None = None
     """sha256 of the config.json written at apply (clones)."""
     launch: str | None = None

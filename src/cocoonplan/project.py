@@ -77,7 +77,7 @@ class Project(Model):
     @classmethod
     def _node_names(cls, nodes: dict[str, NodeConfig]) -> dict[str, NodeConfig]:
         # Node names become directory names (render --dir): keep them to cocoon's name syntax.
-        bad = [name for name in nodes if not re.match(NAME_PATTERN, name)]
+        bad = [name for name in nodes if not re.fullmatch(NAME_PATTERN, name)]
         if bad:
             raise ValueError(f"node name(s) {', '.join(map(repr, bad))} must match {NAME_PATTERN}")
         return nodes

@@ -80,7 +80,7 @@ class DataDisk(Model):
     @field_validator("name")
     @classmethod
     def _check_name(cls, name: str) -> str:
-        if not DATA_DISK_NAME.match(name) or name.startswith("cocoon-"):
+        if not DATA_DISK_NAME.fullmatch(name) or name.startswith("cocoon-"):
             raise ValueError(
                 f"data disk name {name!r} must match ^[a-z][a-z0-9_-]{{0,19}}$ and not start with cocoon-"
             )

@@ -2,14 +2,85 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
 from pydantic import ValidationError
 
 from cocoonplan.document import LocatedDocument, read_documents
-from cocoonplan.errors import SpecError
+from cocoonplan.errors import CocoonplanError, SpecError
+from cocoonplan.project import PROJECT_FILE
 from cocoonplan.spec import VM_KIND, LoadedSpec, VMSpec
+
+SPEC_SUFFIXES = (".yaml", ".yml")
+
+
+def spec_files(paths: Sequence[Path], cwd: Path) -> list[Path]:
+    """The YAML files named, and those found below named directories, sorted, without duplicates."""
+    files: list[Path] = []
+    for path in paths:
+        full = (cwd / path).resolve()
+        if full.is_dir():
+            files += sorted(
+                p
+                for p in full.rglob("*")
+                if p.suffix in SPEC_SUFFIXES
+                and p.is_file()
+                and p.name != PROJECT_FILE
+                and not any(part.startswith(".") for part in p.relative_to(full).parts)
+            )
+        elif full.is_file():
+            files.append(full)
+        else:
+            raise CocoonplanError(
+                f"{path}: no such file or directory", hint="name spec files or directories that exist"
+            )
+    return list(dict.fromkeys(files))
+
+
+@dataclass(frozen=True)
+class ProjectIndex:
+    """Every VM and reference the project's YAML files name, whatever else they hold."""
+
+    vms: frozenset[tuple[str, str]]
+    """(node, VM name) of every ``kind: VM`` document."""
+    references: frozenset[str]
+    """Every ``snapshot``, ``image`` and ``expect.baseImage`` as written."""
+
+
+def _str_at(data: object, *keys: str) -> str | None:
+    for key in keys:
+        data = data.get(key) if isinstance(data, dict) else None
+    return data if isinstance(data, str) else None
+
+
+def index_project(directory: Path) -> ProjectIndex:
+    """Scan every YAML file under the project, leniently: a file that does not parse names nothing.
+
+    This answers "does any spec still define this VM / use this reference?", so that planning
+    or locking part of a repo never deletes a VM, or drops a lock entry, that a spec elsewhere
+    still needs. Validation is left to the files actually planned.
+    """
+    vms: set[tuple[str, str]] = set()
+    references: set[str] = set()
+    for file in spec_files([directory], directory):
+        try:
+            documents = list(yaml.safe_load_all(file.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue
+        for document in documents:
+            if not isinstance(document, dict) or document.get("kind") != VM_KIND:
+                continue
+            name, node = _str_at(document, "metadata", "name"), _str_at(document, "spec", "node")
+            if name and node:
+                vms.add((node, name))
+            for keys in (("spec", "snapshot"), ("spec", "image"), ("spec", "expect", "baseImage")):
+                reference = _str_at(document, *keys)
+                if reference:
+                    references.add(reference)
+    return ProjectIndex(vms=frozenset(vms), references=frozenset(references))
 
 
 def validate_document(document: LocatedDocument) -> VMSpec:

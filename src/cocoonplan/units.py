@@ -27,7 +27,7 @@ def parse_size(value: object) -> int:
             raise ValueError("a size cannot be negative")
         return value
     if isinstance(value, str):
-        match = _SIZE.match(value.strip())
+        match = _SIZE.fullmatch(value.strip())
         if match:
             number, unit = match.groups()
             return int(float(number) * _UNITS[(unit or "").lower()])

@@ -62,7 +62,7 @@ def parse_reference(text: str) -> Reference:
     digest: str | None = None
     if "@" in text:
         text, digest = text.split("@", 1)
-        if not _DIGEST.match(digest):
+        if not _DIGEST.fullmatch(digest):
             raise ReferenceFormatError(
                 f"reference {original!r} has an invalid digest {digest!r}",
                 hint="a digest is sha256: followed by 64 lower-case hex characters",
@@ -72,7 +72,7 @@ def parse_reference(text: str) -> Reference:
     colon = text.rfind(":")
     if colon > slash:
         text, tag = text[:colon], text[colon + 1 :]
-        if not _TAG.match(tag):
+        if not _TAG.fullmatch(tag):
             raise ReferenceFormatError(f"reference {original!r} has an invalid tag {tag!r}")
     first, _, rest = text.partition("/")
     if rest and ("." in first or ":" in first or first == "localhost"):
@@ -81,7 +81,7 @@ def parse_reference(text: str) -> Reference:
         registry, repository = DOCKER_HUB, text
         if "/" not in repository:
             repository = f"library/{repository}"
-    if not _HOST.match(registry) or not _REPOSITORY.match(repository):
+    if not _HOST.fullmatch(registry) or not _REPOSITORY.fullmatch(repository):
         raise ReferenceFormatError(
             f"reference {original!r} is not a valid OCI reference",
             hint="write host/repository:tag or host/repository@sha256:<hex>, repository in lower case",

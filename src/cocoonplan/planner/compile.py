@@ -95,22 +95,39 @@ def decide(desired: DesiredVM, view: NodeView) -> VMPlan:
     )
 
 
-def _observed_source(vm: ObservedVM) -> PinnedRef | None:
-    digest = vm.owner.source if vm.owner else vm.settings.image_digest
-    return PinnedRef(ref=vm.settings.image or vm.name, digest=digest) if digest else None
+def _observed_source(vm: ObservedVM) -> tuple[PinnedRef | None, PinnedRef | None]:
+    """(source, base image) of a VM as its records name them.
+
+    A clone's record names only its base image; the snapshot is known from cocoonplan's own
+    ownership record, when there is one.
+    """
+    settings = vm.settings
+    base = (
+        PinnedRef(ref=settings.image, digest=settings.image_digest)
+        if settings.image and settings.image_digest
+        else None
+    )
+    if vm.runtime_meta is None:
+        digest = vm.owner.source if vm.owner else settings.image_digest
+        return (PinnedRef(ref=settings.image or vm.name, digest=digest) if digest else None), None
+    if vm.owner is None:
+        return None, base
+    label = vm.owner.source_ref or f"(snapshot baked from {settings.image or 'an unknown image'})"
+    return PinnedRef(ref=label, digest=vm.owner.source), base
 
 
 def observed_plan(vm: ObservedVM, view: NodeView, action: Action, reason: str) -> VMPlan:
     """A plan entry for a VM as the node has it: a delete, or a refresh-only report."""
     images = view.state.images if view.state else ()
+    source, base = _observed_source(vm)
     return VMPlan(
         name=vm.name,
         node=view.name,
         mode=Mode.CLONE if vm.runtime_meta is not None else Mode.RUN,
         spec_file=vm.owner.spec_file if vm.owner else None,
         vm_id=vm.id,
-        source=_observed_source(vm),
-        base_image=None,
+        source=source,
+        base_image=base,
         cpu=vm.settings.cpu,
         memory=vm.settings.memory,
         storage=vm.settings.storage,
@@ -149,6 +166,14 @@ def unclaimed(
             warnings.append(
                 Diagnostic(
                     summary=f"VM {vm.name} ({vm.id}) on node {view.name} was not created by cocoonplan; left alone",
+                    vm=vm.name,
+                )
+            )
+        elif vm.owner.spec_file is None:
+            warnings.append(
+                Diagnostic(
+                    summary=f"VM {vm.name} ({vm.id}) on node {view.name} was created by cocoonplan from no "
+                    "recorded spec file and no spec defines it; left alone",
                     vm=vm.name,
                 )
             )

@@ -14,7 +14,15 @@ from __future__ import annotations
 from collections import defaultdict
 from itertools import zip_longest
 
-from cocoonplan.cocoon import BOOT_PATH, DiskRole, blob_path, layer_hex, layer_serial, storage_config_problems
+from cocoonplan.cocoon import (
+    BOOT_PATH,
+    DiskRole,
+    blob_path,
+    boot_path,
+    layer_hex,
+    layer_serial,
+    storage_config_problems,
+)
 from cocoonplan.errors import LayerMismatchError
 from cocoonplan.model import hex_to_digest
 from cocoonplan.resolved import PinnedRef, ResolvedSnapshot
@@ -26,15 +34,15 @@ class Findings:
     def __init__(self) -> None:
         self.by_layer: dict[int, list[str]] = defaultdict(list)
         self.general: list[str] = []
+        # What cocoon.json names at each layer index: a digest, or the path when it names none.
+        self.declared: list[str] = []
 
-    def lines(self, hexes: list[str]) -> list[str]:
+    def lines(self) -> list[str]:
         """One line per layer index, in index order, then the general problems."""
         out = []
         for index in sorted(self.by_layer):
-            found = hex_to_digest(hexes[index]) if index < len(hexes) else None
-            out.append(
-                f"layer {index}: cocoon.json says {found or '(none)'}; " + "; ".join(self.by_layer[index])
-            )
+            said = self.declared[index] if index < len(self.declared) else "(none)"
+            out.append(f"layer {index}: cocoon.json says {said}; " + "; ".join(self.by_layer[index]))
         return out + self.general
 
 
@@ -60,6 +68,7 @@ def declared_layers(snapshot: ResolvedSnapshot, root_dir: str, findings: Finding
         if config.serial != layer_serial(index):
             findings.by_layer[index].append(f"its serial is {config.serial}, expected {layer_serial(index)}")
         hexes.append(found or "")
+        findings.declared.append(hex_to_digest(found) or config.path)
     return hexes
 
 
@@ -111,14 +120,18 @@ def _check_base(snapshot: ResolvedSnapshot, hexes: list[str], findings: Findings
             findings.by_layer[index].append(f"{where} says {hex_to_digest(expected) or '(none)'}")
 
 
-def _check_boot(snapshot: ResolvedSnapshot, hexes: list[str], findings: Findings) -> None:
+def _check_boot(snapshot: ResolvedSnapshot, hexes: list[str], root_dir: str, findings: Findings) -> None:
     payload = snapshot.ch_config.get("payload") or {}
     for key in ("kernel", "initramfs"):
         path = payload.get(key)
-        match = BOOT_PATH.match(path) if path else None
-        if path and (match is None or match.group("hex") not in hexes):
+        match = BOOT_PATH.fullmatch(path) if path else None
+        if path and (
+            match is None
+            or match.group("hex") not in hexes
+            or path != boot_path(root_dir, match.group("hex"), match.group("file"))
+        ):
             findings.general.append(
-                f"config.json payload.{key} {path} is not a boot file of the snapshot's layers"
+                f"config.json payload.{key} {path} is not a boot file of the snapshot's layers under the node's root dir"
             )
 
 
@@ -131,21 +144,27 @@ def check_snapshot_layers(
     snapshot cocoon would refuse to clone is refused here first.
     """
     findings = Findings()
-    findings.general += [
-        f"disk {i}: {problem}" for i, problem in storage_config_problems(snapshot.meta.storage_configs)
-    ]
+    configs = snapshot.meta.storage_configs
+    layer_of = {
+        disk: n for n, disk in enumerate(i for i, c in enumerate(configs) if c.role is DiskRole.LAYER)
+    }
+    for disk, problem in storage_config_problems(configs):
+        if disk in layer_of:
+            findings.by_layer[layer_of[disk]].append(problem)
+        else:
+            findings.general.append(f"disk {disk}: {problem}" if disk >= 0 else problem)
     hexes = declared_layers(snapshot, root_dir, findings)
     _check_config_disks(snapshot, hexes, findings)
     _check_blob_ids(snapshot, hexes, findings)
     _check_base(snapshot, hexes, findings)
-    _check_boot(snapshot, hexes, findings)
+    _check_boot(snapshot, hexes, root_dir, findings)
     recorded = snapshot.config.image_digest
     if expected_base is not None and expected_base.digest != recorded:
         findings.general.append(
             f"expect.baseImage {expected_base.ref} is {expected_base.digest}, but the snapshot was baked from "
             f"{snapshot.config.image} {recorded} (config blob imageDigest)"
         )
-    lines = findings.lines(hexes)
+    lines = findings.lines()
     if lines:
         raise LayerMismatchError(
             f"VM {vm}: snapshot {snapshot.pinned.ref}@{snapshot.pinned.digest} does not agree with itself "

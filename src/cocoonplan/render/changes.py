@@ -29,8 +29,21 @@ def _file(path: str) -> str:
     return name
 
 
-def _disk(disk: dict[str, Any]) -> str:
-    return f"{disk['serial']} ({disk['role']}, {'ro' if disk['readonly'] else 'rw'}) {_file(disk['path'])}"
+def _changed_disk(path: str, before: dict[str, Any], after: dict[str, Any]) -> str:
+    same_disk = before["serial"] == after["serial"] and before["role"] == after["role"]
+    if (
+        same_disk
+        and before["readonly"] == after["readonly"]
+        and _file(before["path"]) != _file(after["path"])
+    ):
+        return f"~ {path} {after['serial']}: {_file(before['path'])} → {_file(after['path'])}"
+    # Anything else shows every field that differs, full paths included.
+    fields = [
+        f"{key} {_value(before.get(key))} → {_value(after.get(key))}"
+        for key in ("serial", "role", "readonly", "path", "digest")
+        if before.get(key) != after.get(key)
+    ]
+    return f"~ {path} {after['serial']}: " + ", ".join(fields)
 
 
 def _index(path: str) -> int:
@@ -55,12 +68,7 @@ def _disk_runs(changes: list[dict[str, Any]]) -> list[str]:
         before, after = change["before"], change["after"]
         if before is not None and after is not None:
             flush()
-            if before["serial"] == after["serial"] and before["role"] == after["role"]:
-                lines.append(
-                    f"~ {change['path']} {after['serial']}: {_file(before['path'])} → {_file(after['path'])}"
-                )
-            else:
-                lines.append(f"~ {change['path']}: {_disk(before)} → {_disk(after)}")
+            lines.append(_changed_disk(change["path"], before, after))
             continue
         adding = before is None
         contiguous = bool(run) and _index(change["path"]) == _index(run[-1]["path"]) + 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import tarfile
 import tempfile
@@ -14,6 +15,9 @@ from cocoonplan.oci.manifest import IMAGE_CONFIG_TYPES, Descriptor, Manifest
 from cocoonplan.oci.reference import Reference
 from cocoonplan.resolved import BlobRef, PinnedRef, ResolvedImage
 from cocoonplan.resolvers.content import Content
+
+SCAN_RULES = "v2"
+"""The version of the boot-file rules below; bump it whenever they change."""
 
 
 def boot_files_in(names_and_types: list[tuple[str, bool]]) -> tuple[bool, bool]:
@@ -54,7 +58,8 @@ class BootScanner:
 
     def scan(self, ref: Reference, layer: Descriptor) -> tuple[bool, bool]:
         """(has kernel, has initrd) for one layer; downloads it once, verified."""
-        record = self._cache / "boot-scan" / f"{digest_hex(layer.digest)}.json"
+        # Versioned by the rules: a record written under other rules is never trusted.
+        record = self._cache / "boot-scan" / SCAN_RULES / f"{digest_hex(layer.digest)}.json"
         try:
             found = json.loads(record.read_text())
             return bool(found["kernel"]), bool(found["initrd"])
@@ -66,9 +71,11 @@ class BootScanner:
             self._content.store_for(ref.registry).download_blob(ref.repository, layer, target)
             kernel, initrd = _scan_layer(target, f"layer {layer.digest} of {ref.name}")
         record.parent.mkdir(parents=True, exist_ok=True)
-        temp = record.with_name(f".{record.name}.tmp")
-        temp.write_text(json.dumps({"kernel": kernel, "initrd": initrd}))
-        temp.replace(record)
+        # A temporary name of its own: plans sharing a cache may scan the same layer at once.
+        handle, temp = tempfile.mkstemp(dir=record.parent, prefix=f".{record.name}.")
+        with os.fdopen(handle, "w") as out:
+            out.write(json.dumps({"kernel": kernel, "initrd": initrd}))
+        Path(temp).replace(record)
         return kernel, initrd
 
 

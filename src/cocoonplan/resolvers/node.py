@@ -432,7 +432,7 @@ def _read_blobs(root: _Root) -> list[str]:
         _fail(BLOBS_DIR, "is not a directory", _RECOPY)
     found = []
     for entry in blobs.iterdir():
-        match = _BLOB_NAME.match(entry.name)
+        match = _BLOB_NAME.fullmatch(entry.name)
         if match is None:
             continue
         if not entry.is_file():
