@@ -278,3 +278,39 @@ def test_more_vcpus_than_the_node_has_is_refused(tmp_path: Path) -> None:
     assert code == 1
     (error,) = document["errors"]
     assert error["summary"] == "VM agent-run: cpu 32 is more than the node's 16 CPUs"
+
+
+def test_a_spec_moved_outside_the_planned_paths_keeps_its_vm(tmp_path: Path) -> None:
+    owners = _owned()
+    run_id = build.AGENT_RUN_ID
+    owners[run_id] = dataclasses.replace(owners[run_id], spec_file="planned/agent-run.yaml")
+    project = _project(tmp_path, _healthy_vms(), owners)
+    (project / "planned").mkdir()
+    (project / "agent-clone.yaml").rename(project / "planned" / "agent-clone.yaml")
+    (project / "moved").mkdir()
+    (project / "agent-run.yaml").rename(project / "moved" / "agent-run.yaml")
+    # Applied from planned/agent-run.yaml, whose spec now lives in moved/: planning planned/
+    # alone must not delete it, for a spec elsewhere in the project still defines it.
+    result = run_cli(["plan", "planned", "--json"], project)
+    assert result.exit_code == 0
+    assert "agent-run" not in {vm["name"] for vm in json.loads(result.stdout)["vms"]}
+    (project / "moved" / "agent-run.yaml").unlink()
+    gone = json.loads(run_cli(["plan", "planned", "--json"], project).stdout)
+    assert {vm["name"]: vm["action"] for vm in gone["vms"]}["agent-run"] == "delete"
+
+
+def test_the_api_plans_the_working_directory_when_given_no_paths(tmp_path: Path) -> None:
+    from cocoonplan import api
+
+    project = _project(tmp_path, _healthy_vms(), _owned())
+    plan = api.plan([], api.Environment(env={}, cwd=project))
+    assert {vm.name: vm.action.value for vm in plan.vms} == {"agent-clone": "no-op", "agent-run": "no-op"}
+
+
+def test_rendering_part_of_the_project_keeps_the_other_vms_files(tmp_path: Path) -> None:
+    project = _project(tmp_path, _healthy_vms(), _owned())
+    out = tmp_path / "rendered"
+    assert run_cli(["render", ".", "--dir", str(out)], project).exit_code == 0
+    assert run_cli(["render", "agent-clone.yaml", "--dir", str(out), "--check"], project).exit_code == 0
+    assert run_cli(["render", "agent-clone.yaml", "--dir", str(out)], project).exit_code == 0
+    assert (out / "node-a/agent-run/launch").is_file()

@@ -128,3 +128,13 @@ def test_lock_writes_nothing_when_a_reference_fails(project: Path) -> None:
     assert "no-such-tag" in result.stderr
     assert "Error: " in result.stderr
     assert tree(project) == before
+
+
+def test_locking_part_of_the_project_keeps_the_other_entries(project: Path) -> None:
+    before = (project / "cocoonplan.lock").read_text()
+    result = run_cli(["lock", "agent-clone.yaml"], project)
+    assert result.exit_code == 0
+    assert (project / "cocoonplan.lock").read_text() == before
+    assert run_cli(["plan", ".", "--locked"], project).exit_code == 0
+    (project / "agent-run.yaml").unlink()
+    assert f"- {RUN_TAG}: no spec references it" in run_cli(["lock", "."], project).stdout
