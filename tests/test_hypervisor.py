@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -217,5 +218,8 @@ def test_go_encoding_escapes_html_characters() -> None:
 def test_vendored_ch_schema_equals_the_shared_reference() -> None:
     shared = shared_reference() / OPENAPI
     if not shared.is_file():
+        # CI lays shared/ beside the clone, so there the comparison must run.
+        if os.environ.get("CI"):
+            pytest.fail(f"{shared} is missing: CI runs with shared/ beside the clone")
         pytest.skip("no shared/reference beside this clone to compare the vendored schema with")
     assert SCHEMA.read_bytes() == shared.read_bytes()

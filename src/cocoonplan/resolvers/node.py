@@ -285,15 +285,22 @@ def _with_run_files(root: _Root, db: str, vm: ObservedVM) -> ObservedVM:
     )
 
 
+def _read_db(root: _Root, db: str, records_key: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """A cocoon database ``{"<records_key>": {ID: record}, "names": {name: ID}}``; None when absent."""
+    document = root.json(db)
+    if document is None:
+        return None
+    document = _object(document, db, "the document", _RECOPY)
+    return _map(document, records_key, db), _map(document, "names", db)
+
+
 def _read_vms(root: _Root, backend: str, hypervisor: str) -> list[ObservedVM]:
     """Every VM of one backend's database, checked against its ``names`` index."""
     db = f"{backend}/db/vms.json"
-    document = root.json(db)
-    if document is None:
+    tables = _read_db(root, db, "vms")
+    if tables is None:
         return []
-    document = _object(document, db, "the document", _RECOPY)
-    records = _map(document, "vms", db)
-    names = _map(document, "names", db)
+    records, names = tables
     vms = {key: _record_vm(root, db, hypervisor, backend, key, value) for key, value in records.items()}
     for name, vm_id in names.items():
         if not isinstance(vm_id, str) or vm_id not in vms:
@@ -392,12 +399,10 @@ def _read_images(root: _Root) -> list[ObservedImage]:
 
 
 def _read_snapshots(root: _Root) -> list[ObservedSnapshot]:
-    document = root.json(SNAPSHOTS_DB)
-    if document is None:
+    tables = _read_db(root, SNAPSHOTS_DB, "snapshots")
+    if tables is None:
         return []
-    document = _object(document, SNAPSHOTS_DB, "the document", _RECOPY)
-    records = _map(document, "snapshots", SNAPSHOTS_DB)
-    names = _map(document, "names", SNAPSHOTS_DB)
+    records, names = tables
     snapshots: dict[str, ObservedSnapshot] = {}
     for key, value in records.items():
         record = _object(value, SNAPSHOTS_DB, f"snapshot record {key}")
