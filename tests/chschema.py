@@ -98,3 +98,25 @@ def unknown_keys(config: dict[str, Any]) -> list[str]:
         return found
 
     return walk(config, {"$ref": "#/$defs/VmConfig"}, "")
+
+
+@cache
+def _component_validator(component: str) -> jsonschema.Draft202012Validator:
+    spec = yaml.safe_load(SCHEMA.read_text())
+    schema = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$defs": _convert(spec["components"]["schemas"]),
+        "$ref": f"#/$defs/{component}",
+    }
+    return jsonschema.Draft202012Validator(schema)
+
+
+def request_errors(component: str, body: dict[str, Any]) -> list[str]:
+    """Violations of a REST request body against one component schema (``NetConfig``,
+    ``RestoreConfig``, …), keys the schema does not define included."""
+    defined = yaml.safe_load(SCHEMA.read_text())["components"]["schemas"][component].get("properties", {})
+    errors = [
+        f"{'/'.join(str(p) for p in error.absolute_path) or '(root)'}: {error.message}"
+        for error in _component_validator(component).iter_errors(drop_nulls(body))
+    ]
+    return sorted(errors + [f"{key}: not defined by {component}" for key in body if key not in defined])

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from typer.testing import CliRunner, Result
 
@@ -24,6 +26,17 @@ def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> Re
         return CliRunner().invoke(app, args, env=env, catch_exceptions=False)
     finally:
         os.chdir(previous)
+
+
+def plan_json(project: Path, *extra: str) -> tuple[int, dict[str, Any]]:
+    """``cocoonplan plan . --json`` in ``project``: the exit code and the plan document."""
+    result = run_cli(["plan", ".", "--json", *extra], project)
+    return result.exit_code, json.loads(result.stdout)
+
+
+def vm_entry(document: dict[str, Any], name: str) -> dict[str, Any]:
+    """The plan document's entry for the VM ``name``."""
+    return next(vm for vm in document["vms"] if vm["name"] == name)
 
 
 def copy_examples(target: Path) -> Path:

@@ -467,17 +467,19 @@ def snapshot(
     base_image_annotation: str | _Default | None = _Default.BASE_REF,
     snapshot_id: str | None = None,
     created: str = "2026-05-14T09:12:33.481207394Z",
+    kernel_override: str | None = None,
 ) -> Artifact:
     """A cocoon hot-snapshot artifact exactly as epoch v1 pushes it (§7).
 
     ``layers_override`` (digests or hexes) makes cocoon.json/config.json name another layer list
     than ``base`` while the config blob keeps ``base``'s image, digest and blob set. The kernel
-    and initrd are always those of ``base``."""
+    and initrd are those of ``base``, unless ``kernel_override`` names the layer (digest or hex)
+    whose boot directory the snapshot's kernel path points into."""
     kernel_layer, initrd_layer = base.boot_layers()
     spec = SnapshotSpec(
         vm=vm,
         layers=tuple(_hex(h) for h in (layers_override or [b.hex for b in base.layers])),
-        kernel_hex=kernel_layer.hex,
+        kernel_hex=_hex(kernel_override) if kernel_override else kernel_layer.hex,
         initrd_hex=initrd_layer.hex,
         root_dir=root_dir,
         run_dir=run_dir or f"{root_dir}/run",
@@ -663,7 +665,13 @@ class Clone:
 class NodeVM:
     """A VM on a node. ``layers`` (digests or hexes) substitutes the layer set the VM runs on;
     ``None`` takes the image's layers (run) or the snapshot's cocoon.json layers (clone).
-    ``data_disks`` apply to runs only: a clone's disks come from its snapshot."""
+    ``data_disks`` apply to runs only: a clone's disks come from its snapshot.
+
+    ``state`` is the record's; a VM that is not running has no ``cmdline`` file (cocoon's stop
+    deletes it). ``started_by`` says how the running VMM was launched: ``create`` (``vm run``'s
+    arguments, or a clone's API socket alone), ``start`` (a cold boot from the record, after
+    ``vm stop``/``vm start``) or ``restore`` (``vm restore`` of a snapshot of the VM itself,
+    which leaves that snapshot's files in its run dir). ``network`` is the recorded network."""
 
     id: str
     name: str
@@ -676,6 +684,10 @@ class NodeVM:
     nics: Sequence[Nic] = ()
     data_disks: Sequence[DataDisk] = ()
     host_cpus: int = 16
+    started_by: str = "create"
+    network: str = ""
+    snapshot_id: str = "SNAPOFITSELFAAAAAAAAAAAAAA"
+    """The snapshot a ``restore`` restored (recorded in ``snapshot_ids``)."""
 
 
 def ch_cli_args(vm: NodeVM, vm_dir: str, scs: Sequence[JSON], boot: Mapping[str, str]) -> list[str]:
@@ -757,6 +769,8 @@ def _blob_ids(value: Any) -> set[str]:
 def _vm_record(vm: NodeVM, image: JSON, vm_dir: str, scs: list[JSON], boot: JSON, blob_ids: set[str]) -> JSON:
     """A vms.json record (§4), keys in cocoon's struct order; ``image`` = image/image_digest/image_type."""
     config = {"name": vm.name, "cpu": vm.cpu, "memory": vm.memory, "storage": vm.storage} | image
+    if vm.network:
+        config["network"] = vm.network
     nets = []
     for i, nic in enumerate(vm.nics):
         tap, mac = _tap_mac(vm.id, i, nic)
@@ -791,6 +805,8 @@ def _vm_record(vm: NodeVM, image: JSON, vm_dir: str, scs: list[JSON], boot: JSON
             "pid": 1000 + int(hashlib.sha256(vm.id.encode()).hexdigest()[:4], 16),
             "started_at": "2026-05-14T09:30:01Z",
         }
+    if vm.started_by == "restore":
+        record["snapshot_ids"] = {vm.snapshot_id: {}}
     record |= {
         "boot_config": boot,
         "image_blob_ids": {h: {} for h in sorted(blob_ids)},
@@ -827,12 +843,14 @@ def _owner_entry(
     if not isinstance(owner, OwnerRecord):
         return dict(owner)
 
-    def written(what: str) -> str:
+    def written(what: str) -> str | None:
         if record is None:
             raise ValueError(f"owned[{vm_id}]: AS_WRITTEN {what} needs a VM with that ID")
         if what == "cmdline":
             return str(record["boot_config"]["cmdline"])
         path = node.host(f"{record['run_dir']}/{'config.json' if what == 'config_sha256' else 'cmdline'}")
+        if what == "launch" and record["state"] != "running":
+            return None  # a stopped VM has no launch line to record
         if not path.is_file():
             raise ValueError(f"owned[{vm_id}]: VM {vm_id} has no {path.name} for AS_WRITTEN {what}")
         data = path.read_bytes()
@@ -908,9 +926,28 @@ def _run_vm(node: _Node, vm: NodeVM, image_ref: str, images: Mapping[str, Artifa
         "initrd_path": f"{node.root_dir}/oci/boot/{initrd_hex}/initrd.img",
         "cmdline": build_cmdline(len(layers), vm.name, vm.nics),
     }
-    node.write(f"{vm_dir}/cmdline", " ".join(ch_cli_args(vm, vm_dir, scs, boot)).encode())
+    if vm.started_by == "restore":
+        # `vm restore` copies the VM's own snapshot into its run dir and relaunches from it.
+        source = SourceVM(id=vm.id, name=vm.name, cpu=vm.cpu, memory=vm.memory, storage=vm.storage,
+                          nics=vm.nics, host_cpus=vm.host_cpus)  # fmt: skip
+        ch_config = _ch_config(source, scs, boot["kernel_path"], boot["initrd_path"], boot["cmdline"])
+        node.write(f"{vm_dir}/cocoon.json", go_json({"storage_configs": scs, "boot_config": boot}))
+        node.write(f"{vm_dir}/config.json", go_json(dict(sorted(ch_config.items()))))
+        node.write(f"{vm_dir}/state.json", go_json({"id": vm.id}))
+    restored = vm.started_by == "restore"
+    _write_launch(node, vm, vm_dir, None if restored else ch_cli_args(vm, vm_dir, scs, boot))
     config = {"image": image_ref, "image_digest": art.digest, "image_type": "oci"}
     return _vm_record(vm, config, vm_dir, scs, boot, {*layers, kernel_hex, initrd_hex})
+
+
+def _write_launch(node: _Node, vm: NodeVM, vm_dir: str, cold_boot: Sequence[str] | None) -> None:
+    """The run dir's ``cmdline``: absent unless running; the cold-boot arguments after ``vm run``
+    or ``vm start``, else (``None``: a clone or a restore) the API socket alone."""
+    if vm.state != "running":
+        node.host(f"{vm_dir}/cmdline")  # the run dir stays (with the disks), without the file
+        return
+    line = f"cloud-hypervisor --api-socket {vm_dir}/api.sock" if cold_boot is None else " ".join(cold_boot)
+    node.write(f"{vm_dir}/cmdline", line.encode())
 
 
 def _clone_vm(node: _Node, vm: NodeVM, snap: Artifact) -> JSON:
@@ -947,7 +984,7 @@ def _clone_vm(node: _Node, vm: NodeVM, snap: Artifact) -> JSON:
     node.write(f"{vm_dir}/cocoon.json", files["cocoon.json"])
     node.write(f"{vm_dir}/config.json", patched)
     node.write(f"{vm_dir}/state.json", state)
-    node.write(f"{vm_dir}/cmdline", f"cloud-hypervisor --api-socket {vm_dir}/api.sock".encode())
+    _write_launch(node, vm, vm_dir, ch_cli_args(vm, vm_dir, scs, boot) if vm.started_by == "start" else None)
     config = {"image": snap_cfg["image"], "image_digest": snap_cfg["imageDigest"], "image_type": "oci"}
     return _vm_record(vm, config, vm_dir, scs, boot, blob_ids)
 
@@ -962,9 +999,11 @@ def node_root(
     extra_files: Mapping[str, bytes] | None = None,
     pulled_at: str = "2026-05-13T08:01:12.41Z",
     owned: Mapping[str, OwnerRecord | Mapping[str, Any]] | None = None,
+    snapshots: Mapping[str, JSON] | None = None,
 ) -> None:
     """Write a cocoon node root at ``path`` (which stands for ``root_dir``; ``run_dir`` must lie
-    under it): images.json, EROFS blobs, boot files, vms.json, run dirs, an empty snapshots.json,
+    under it): images.json, EROFS blobs, boot files, vms.json, run dirs, snapshots.json (records
+    by ID from ``snapshots``),
     cocoonplan's ``owned.json`` when ``owned`` (VM ID -> owner) is given, then ``extra_files``
     (path relative to ``root_dir`` -> bytes)."""
     node = _Node(path, root_dir, run_dir or f"{root_dir}/run")
@@ -978,7 +1017,11 @@ def node_root(
     names = {vm.name: vm.id for vm in vms}
     vms_doc = {"vms": dict(sorted(records.items())), "names": dict(sorted(names.items()))}
     node.write(f"{root_dir}/cloudhypervisor/db/vms.json", go_json(vms_doc))
-    node.write(f"{root_dir}/snapshot/db/snapshots.json", go_json({"snapshots": {}, "names": {}}))
+    snapshot_names = {r["name"]: i for i, r in (snapshots or {}).items() if r.get("name")}
+    node.write(
+        f"{root_dir}/snapshot/db/snapshots.json",
+        go_json({"snapshots": dict(snapshots or {}), "names": snapshot_names}),
+    )
     if owned is not None:
         entries = {i: _owner_entry(node, i, records.get(i), o) for i, o in sorted(owned.items())}
         document = {"format_version": 1, "vms": entries}

@@ -122,7 +122,7 @@ def node_side(clone: JSON, project: Path) -> tuple[list[JSON], str]:
     running = [disks[i] for i in sorted(disks)]
 
     vms = json.loads((project / "node" / "cloudhypervisor" / "db" / "vms.json").read_text())
-    record = vms["vms"][clone["vm_id"]]
+    record = vms["vms"][vms["names"][clone["name"]]]
     assert [(d["serial"], d["path"], d["readonly"]) for d in running] == [
         (sc["serial"], sc["path"], sc["ro"]) for sc in record["storage_configs"]
     ], "the plan's changes[].before must describe the node's disks"

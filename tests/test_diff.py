@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from syrupy.assertion import SnapshotAssertion
 
-from clirunner import copy_examples, example_builder, run_cli, tree
+from clirunner import copy_examples, example_builder, plan_json, run_cli, tree, vm_entry
 from ocifixture import OwnerRecord, node_root, snapshot, write_layout
 from snapshotext import JSONFile, TextFile
 
@@ -52,15 +52,6 @@ def _project(tmp_path: Path, vms: list[Any], owned: dict[str, OwnerRecord]) -> P
     return project
 
 
-def _plan(project: Path, *extra: str) -> tuple[int, dict[str, Any]]:
-    result = run_cli(["plan", ".", "--json", *extra], project)
-    return result.exit_code, json.loads(result.stdout)
-
-
-def _vm(document: dict[str, Any], name: str) -> dict[str, Any]:
-    return next(vm for vm in document["vms"] if vm["name"] == name)
-
-
 def _pin(
     project: Path,
     document: dict[str, Any],
@@ -85,14 +76,14 @@ def test_healthy_clone_is_a_no_op(
     tmp_path: Path, snapshot_json: SnapshotAssertion, snapshot_text: SnapshotAssertion
 ) -> None:
     project = _project(tmp_path, _healthy_vms(), _owned())
-    code, document = _plan(project, "--detailed-exitcode")
+    code, document = plan_json(project, "--detailed-exitcode")
     assert code == 0
     assert {vm["name"]: vm["action"] for vm in document["vms"]} == {
         "agent-clone": "no-op",
         "agent-run": "no-op",
     }
     assert all(vm["drift"] == [] and vm["changes"] == [] for vm in document["vms"])
-    assert _vm(document, "agent-clone")["vm_id"] == build.AGENT_CLONE_ID
+    assert vm_entry(document, "agent-clone")["vm_id"] == build.AGENT_CLONE_ID
     assert all(vm["observed_fingerprint"].startswith("sha256:") for vm in document["vms"])
     _pin(project, document, snapshot_json, snapshot_text)
 
@@ -101,9 +92,9 @@ def test_clone_on_the_substituted_layer_set_drifts_and_is_replaced(
     tmp_path: Path, snapshot_json: SnapshotAssertion, snapshot_text: SnapshotAssertion
 ) -> None:
     project = _project(tmp_path, list(SCENARIO_VMS), _owned())
-    code, document = _plan(project, "--detailed-exitcode")
+    code, document = plan_json(project, "--detailed-exitcode")
     assert code == 2
-    clone = _vm(document, "agent-clone")
+    clone = vm_entry(document, "agent-clone")
     assert clone["action"] == "replace"
     alien = [d for d in clone["drift"] if d["found"]]
     assert len(alien) == 4 and {tuple(d["found_in"]) for d in alien} == {(build.XFACE_0513,)}
@@ -124,9 +115,9 @@ def test_moved_snapshot_tag_replaces_old_to_new(
     )
     write_layout(project / "oci", {**ARTIFACTS, build.AGENT_SNAP: rebaked})
     assert run_cli(["lock", ".", "--update"], project).exit_code == 0
-    code, document = _plan(project, "--locked")
+    code, document = plan_json(project, "--locked")
     assert code == 0
-    clone = _vm(document, "agent-clone")
+    clone = vm_entry(document, "agent-clone")
     assert clone["action"] == "replace"
     assert {"path": "source.digest", "before": SNAP.digest, "after": rebaked.digest} in clone["changes"]
     assert clone["drift"] == []
@@ -140,9 +131,9 @@ def test_removed_spec_deletes_only_what_cocoonplan_created(
 ) -> None:
     project = _project(tmp_path, _healthy_vms(), _owned())
     (project / "agent-run.yaml").unlink()
-    code, document = _plan(project)
+    code, document = plan_json(project)
     assert code == 0
-    run = _vm(document, "agent-run")
+    run = vm_entry(document, "agent-run")
     assert run["action"] == "delete"
     assert run["vm_id"] == build.AGENT_RUN_ID
     assert "agent-run.yaml, which no longer defines it" in run["reason"]
@@ -154,7 +145,7 @@ def test_removed_spec_deletes_only_what_cocoonplan_created(
 def test_a_foreign_vm_of_the_same_name_is_left_alone(tmp_path: Path) -> None:
     project = _project(tmp_path, _healthy_vms(), _owned(agent_run=None))
     (project / "agent-run.yaml").unlink()
-    code, document = _plan(project)
+    code, document = plan_json(project)
     assert code == 0
     assert "agent-run" not in {vm["name"] for vm in document["vms"]}
     warned = {w["vm"]: w["summary"] for w in document["warnings"]}
@@ -163,7 +154,7 @@ def test_a_foreign_vm_of_the_same_name_is_left_alone(tmp_path: Path) -> None:
 
 def test_a_spec_over_a_foreign_vm_is_an_error(tmp_path: Path) -> None:
     project = _project(tmp_path, _healthy_vms(), _owned(agent_run=None))
-    code, document = _plan(project)
+    code, document = plan_json(project)
     assert code == 1
     (error,) = document["errors"]
     assert error["vm"] == "agent-run"
@@ -178,21 +169,19 @@ def test_a_plan_only_deletes_within_the_planned_paths(tmp_path: Path) -> None:
     assert result.exit_code == 0
     assert "agent-run" not in {vm["name"] for vm in json.loads(result.stdout)["vms"]}
     # The same plan over the whole project deletes it.
-    assert _vm(_plan(project)[1], "agent-run")["action"] == "delete"
+    assert vm_entry(plan_json(project)[1], "agent-run")["action"] == "delete"
 
 
 def test_applied_files_that_changed_on_the_node_are_drift(tmp_path: Path) -> None:
     owners = _owned()
     clone_id = build.AGENT_CLONE_ID
-    owners[clone_id] = dataclasses.replace(
-        owners[clone_id], launch="cloud-hypervisor --api-socket /elsewhere"
-    )
+    owners[clone_id] = dataclasses.replace(owners[clone_id], cmdline="console=hvc0 applied-elsewhere")
     project = _project(tmp_path, _healthy_vms(), owners)
-    code, document = _plan(project, "--refresh-only", "--detailed-exitcode")
+    code, document = plan_json(project, "--refresh-only", "--detailed-exitcode")
     assert code == 2
-    (drift,) = _vm(document, "agent-clone")["drift"]
-    assert drift["path"] == "launch"
-    assert drift["expected"] == "cloud-hypervisor --api-socket /elsewhere"
+    (drift,) = vm_entry(document, "agent-clone")["drift"]
+    assert drift["path"] == "cmdline"
+    assert drift["expected"] == "console=hvc0 applied-elsewhere"
 
 
 def test_corrupted_vms_json_is_a_clear_error_and_nothing_is_written(tmp_path: Path) -> None:
@@ -241,7 +230,7 @@ def test_root_and_state_options_name_where_a_node_is_read(tmp_path: Path) -> Non
     config = project / "cocoonplan.yaml"
     config.write_text(config.read_text().replace("    state: node\n", ""))
     without = json.loads(run_cli(["plan", ".", "--json"], project).stdout)
-    assert {vm["action"] for vm in without["vms"]} == {"create"}
+    assert {vm["action"] for vm in without["vms"]} == {"unknown"}
     assert run_cli(["plan", ".", "--json", "--root", "node"], project).stdout == against_project
     assert run_cli(["plan", ".", "--json", "--state", "node-a=state.json"], project).stdout == against_project
     unknown = run_cli(["plan", ".", "--state", "node-z=state.json"], project)
@@ -253,7 +242,7 @@ def test_a_spec_that_fails_to_resolve_never_deletes_its_vm(tmp_path: Path) -> No
     project = _project(tmp_path, _healthy_vms(), _owned())
     spec = project / "agent-clone.yaml"
     spec.write_text(spec.read_text().replace("agent-snap:v1", "agent-snap:v9"))
-    code, document = _plan(project)
+    code, document = plan_json(project)
     assert code == 1
     assert [e["vm"] for e in document["errors"]] == ["agent-clone"]
     assert "agent-clone" not in {vm["name"] for vm in document["vms"]}
@@ -274,7 +263,7 @@ def test_more_vcpus_than_the_node_has_is_refused(tmp_path: Path) -> None:
     project = _project(tmp_path, _healthy_vms(), _owned())
     spec = project / "agent-run.yaml"
     spec.write_text(spec.read_text().replace("cpu: 2", "cpu: 32"))
-    code, document = _plan(project)
+    code, document = plan_json(project)
     assert code == 1
     (error,) = document["errors"]
     assert error["summary"] == "VM agent-run: cpu 32 is more than the node's 16 CPUs"

@@ -7,6 +7,7 @@ a snapshot diff.
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +126,21 @@ def test_render_writes_and_checks_gitops_files(project: Path, tmp_path: Path) ->
     target = tmp_path / "rendered"
     assert run_cli(["render", ".", "--dir", str(target)], project).exit_code == 0
     files = sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file())
-    assert files == [f"node-a/{vm}/{f}" for vm in SPECS for f in ("config.json", "disks.json", "launch")]
+    assert files == [
+        *(
+            f"node-a/agent-clone/{f}"
+            for f in ("config.json", "disks.json", "launch", "provisional.json", "restore.json")
+        ),
+        *(
+            f"node-a/agent-run/{f}"
+            for f in ("config.derived.json", "disks.json", "launch", "provisional.json")
+        ),
+    ]
+    # The launch file is quoted for a shell: --cmdline's value is one argument.
+    launch = shlex.split((target / "node-a/agent-run/launch").read_text())
+    assert launch[launch.index("--cmdline") + 1].startswith("console=hvc0 loglevel=3 boot=cocoon-overlay ")
+    restore = json.loads((target / "node-a/agent-clone/restore.json").read_text())
+    assert [r["endpoint"] for r in restore] == ["vm.restore", "vm.remove-device", "vm.add-net", "vm.resume"]
     assert run_cli(["render", ".", "--dir", str(target), "--check"], project).exit_code == 0
     config = target / "node-a/agent-clone/config.json"
     config.write_text(config.read_text().replace("cocoon-layer3", "cocoon-layer9"))

@@ -73,7 +73,8 @@ def test_the_last_layer_with_boot_files_wins(tmp_path: Path) -> None:
     payload = vm["config"]["payload"]
     assert payload["kernel"] == f"/var/lib/cocoon/oci/boot/{newer.hex}/vmlinuz"
     assert payload["initramfs"] == f"/var/lib/cocoon/oci/boot/{newer.hex}/initrd.img"
-    assert f"--kernel /var/lib/cocoon/oci/boot/{newer.hex}/vmlinuz" in vm["launch"]
+    launch = vm["launch"]
+    assert launch[launch.index("--kernel") + 1] == f"/var/lib/cocoon/oci/boot/{newer.hex}/vmlinuz"
     assert [d["serial"] for d in vm["disks"]] == [*(f"cocoon-layer{i}" for i in range(5)), "cocoon-cow"]
 
 

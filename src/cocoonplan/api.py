@@ -17,6 +17,7 @@ import httpx
 from pydantic import ValidationError
 
 from cocoonplan import __version__
+from cocoonplan.cocoon import BOOT_PATH
 from cocoonplan.context import ProjectContext
 from cocoonplan.document import read_documents
 from cocoonplan.errors import CocoonplanError, LockError, SpecError, StateError
@@ -27,10 +28,18 @@ from cocoonplan.oci.reference import parse_reference
 from cocoonplan.oci.sources import open_sources
 from cocoonplan.planner import Action, Plan, PlanInput, make_plan
 from cocoonplan.planner.model import Diagnostic, LockChange
-from cocoonplan.project import LOCK_FILE, PROJECT_FILE, Project
-from cocoonplan.resolved import NodeView, PinnedRef, ResolvedVM, RunningBase
+from cocoonplan.project import LOCK_FILE, PROJECT_FILE, Arch, Project
+from cocoonplan.resolved import (
+    NodeView,
+    PinnedRef,
+    ResolvedImage,
+    ResolvedSnapshot,
+    ResolvedVM,
+    RunningBase,
+)
 from cocoonplan.resolvers.content import Content
 from cocoonplan.resolvers.image import BootScanner, resolve_image
+from cocoonplan.resolvers.network import default_networks, read_default_network
 from cocoonplan.resolvers.node import DEFAULT_ROOT_DIR, present_layers, read_node_root, read_node_state
 from cocoonplan.resolvers.pins import Pinner
 from cocoonplan.resolvers.snapshot import resolve_snapshot
@@ -152,23 +161,43 @@ def state_overrides(
     return overrides
 
 
-def read_nodes(context: ProjectContext, overrides: Mapping[str, Path]) -> dict[str, NodeState | None]:
+def read_nodes(
+    context: ProjectContext, overrides: Mapping[str, Path], assume_empty: Sequence[str] = ()
+) -> dict[str, NodeState | None]:
     """The state of every node of the project: from ``overrides``, else the project's ``state:``;
-    None where neither gives one (the node is then taken as empty).
+    empty for the nodes named in ``assume_empty``; None (not known) where nothing gives one.
 
     Unreadable or inconsistent state raises StateError: a plan never guesses what runs.
     """
+    for name in assume_empty:
+        node = context.project.nodes.get(name)
+        if node is None:
+            raise CocoonplanError(
+                f"--assume-empty-node names node {name!r}, which the project file does not declare",
+                hint=f"the project's nodes are: {', '.join(sorted(context.project.nodes)) or 'none'}",
+            )
+        if name in overrides or node.state:
+            raise CocoonplanError(
+                f"--assume-empty-node {name}: the node's state is known, so nothing needs assuming",
+                hint="drop the option, or the node's state:/--root/--state",
+            )
     states: dict[str, NodeState | None] = {}
     for name, node in sorted(context.project.nodes.items()):
         path = overrides.get(name) or (context.resolve(node.state) if node.state else None)
-        states[name] = read_node_state(path, node.root_dir, node.run_dir) if path else None
+        if path is not None:
+            states[name] = read_node_state(path, node.root_dir, node.run_dir)
+        elif name in assume_empty:
+            states[name] = NodeState(root_dir=node.root_dir, run_dir=node.effective_run_dir)
+        else:
+            states[name] = None
     return states
 
 
-def running_base(vm: ObservedVM, state: NodeState, content: Content) -> RunningBase:
+def running_base(vm: ObservedVM, state: NodeState, content: Content, arch: Arch) -> RunningBase:
     """The image a VM on the node was made from, by the digest its record holds (never by tag).
 
-    The node's own images.json is asked first; otherwise the manifest is fetched by digest.
+    The node's own images.json is asked first; otherwise the manifest is fetched by digest
+    (an index digest resolves to the node's ``arch`` manifest).
     """
     digest = vm.settings.image_digest
     image = next((i for i in state.images if i.manifest_digest == digest), None)
@@ -182,14 +211,17 @@ def running_base(vm: ObservedVM, state: NodeState, content: Content) -> RunningB
             hint="cocoon records image and image_digest for OCI VMs; check the VM's record in vms.json",
         )
     ref = parse_reference(vm.settings.image).with_digest(digest)
-    manifest = content.manifest(ref, digest)
+    manifest = content.manifest(ref, arch, digest)
     return RunningBase(
         ref=vm.settings.image, digest=manifest.digest, layers=tuple(m.digest for m in manifest.layers)
     )
 
 
 def _node_views(
-    states: dict[str, NodeState | None], content: Content
+    states: dict[str, NodeState | None],
+    content: Content,
+    networks: Mapping[str, str | None],
+    project: Project,
 ) -> tuple[dict[str, NodeView], list[Diagnostic]]:
     views: dict[str, NodeView] = {}
     warnings: list[Diagnostic] = []
@@ -197,7 +229,7 @@ def _node_views(
         bases: dict[str, RunningBase] = {}
         for vm in state.vms if state else ():
             try:
-                bases[vm.id] = running_base(vm, state, content)  # type: ignore[arg-type]
+                bases[vm.id] = running_base(vm, state, content, project.nodes[name].arch)  # type: ignore[arg-type]
             except CocoonplanError as exc:
                 warnings.append(
                     Diagnostic(
@@ -205,7 +237,13 @@ def _node_views(
                         vm=vm.name,
                     )
                 )
-        views[name] = NodeView(name=name, state=state, bases=bases)
+        views[name] = NodeView(
+            name=name,
+            settings=project.nodes[name],
+            state=state,
+            bases=bases,
+            default_network=networks[name],
+        )
     return views, warnings
 
 
@@ -221,19 +259,47 @@ def _check_locked_base(pinner: Pinner, source: PinnedRef, base: str | None) -> N
         )
 
 
+def _base_boot(
+    snapshot: ResolvedSnapshot, state: NodeState | None, content: Content, scanner: BootScanner, arch: Arch
+) -> ResolvedImage | None:
+    """The snapshot's base image with its boot layers located, when the node lacks a boot
+    file the clone needs (cocoon's ``VerifyBaseFiles`` stats them); None otherwise."""
+    base = snapshot.base_image
+    payload = snapshot.ch_config.get("payload") or {}
+    wanted = [BOOT_PATH.fullmatch(str(payload.get(key) or "")) for key in ("kernel", "initramfs")]
+    needed = [f"{m.group('hex')}/{m.group('file')}" for m in wanted if m is not None]
+    if state is None or base is None or all(n in state.boot_files for n in needed):
+        return None
+    ref = parse_reference(base.repository).with_digest(base.pinned.digest)
+    return resolve_image(content, ref, base.pinned.ref, arch, scanner)
+
+
 def _resolve_vm(
-    loaded: LoadedSpec, content: Content, pinner: Pinner, scanner: BootScanner, state: NodeState | None
+    loaded: LoadedSpec,
+    content: Content,
+    pinner: Pinner,
+    scanner: BootScanner,
+    state: NodeState | None,
+    arch: Arch,
 ) -> ResolvedVM:
     body = loaded.spec.spec
     source = pinner.pin(body.snapshot or body.image or "")
     ref = parse_reference(source.ref).with_digest(source.digest)
     present = present_layers(state)
-    expected = pinner.pin(body.expect.base_image) if body.expect and body.expect.base_image else None
+    # The snapshot records its base's platform manifest: compare it with that platform's.
+    expected = (
+        pinner.pin_platform(body.expect.base_image, arch) if body.expect and body.expect.base_image else None
+    )
     if body.snapshot is not None:
-        snapshot = resolve_snapshot(content, ref, source.ref)
+        snapshot = resolve_snapshot(content, ref, source.ref, arch)
         _check_locked_base(pinner, source, snapshot.config.image_digest)
-        return ResolvedVM(snapshot=snapshot, expected_base=expected, present_blobs=present)
-    return ResolvedVM(image=resolve_image(content, ref, source.ref, scanner), present_blobs=present)
+        return ResolvedVM(
+            snapshot=snapshot,
+            expected_base=expected,
+            present_blobs=present,
+            base_boot=_base_boot(snapshot, state, content, scanner, arch),
+        )
+    return ResolvedVM(image=resolve_image(content, ref, source.ref, arch, scanner), present_blobs=present)
 
 
 def plan(
@@ -245,6 +311,7 @@ def plan(
     refresh_only: bool = False,
     roots: Sequence[str] = (),
     states: Sequence[str] = (),
+    assume_empty: Sequence[str] = (),
 ) -> Plan:
     """Plan every VM under ``paths`` against its node.
 
@@ -252,7 +319,8 @@ def plan(
     entry in ``Plan.errors`` while the others are still planned. Every node of the project
     is read, so that a VM whose spec was removed can be deleted (only if cocoonplan made it).
     ``roots`` (``[NODE=]DIR``, cocoon root directories) and ``states`` (``[NODE=]FILE``,
-    exported state documents) override where a node's state is read from.
+    exported state documents) override where a node's state is read from; ``assume_empty``
+    names nodes without state to plan as empty (otherwise their VMs are planned as unknown).
     """
     context, specs = load_all(paths, environment)
     lock_path, lock_display = _lock_path(context)
@@ -262,7 +330,8 @@ def plan(
     if both := sorted(overrides.keys() & from_files.keys()):
         raise CocoonplanError(f"--root and --state both name node {both[0]}", hint="give one per node")
     overrides |= from_files
-    nodes = read_nodes(context, overrides)
+    nodes = read_nodes(context, overrides, assume_empty)
+    networks = default_networks(context, nodes)
     inputs: list[PlanInput] = []
     errors: list[Diagnostic] = []
     with environment.http() as client, open_sources(context, client, environment.env) as sources:
@@ -273,12 +342,13 @@ def plan(
         for loaded in [] if refresh_only else specs:
             node = loaded.spec.spec.node
             try:
-                resolved = _resolve_vm(loaded, content, pinner, scanner, nodes[node])
+                arch = context.project.nodes[node].arch
+                resolved = _resolve_vm(loaded, content, pinner, scanner, nodes[node], arch)
             except CocoonplanError as exc:
                 errors.append(Diagnostic.from_error(exc, vm=loaded.spec.name, file=loaded.file))
                 continue
             inputs.append(PlanInput(loaded=loaded, resolved=resolved, node=context.project.nodes[node]))
-        views, warnings = _node_views(nodes, content)
+        views, warnings = _node_views(nodes, content, networks, context.project)
     return make_plan(
         inputs,
         nodes=views,
@@ -327,7 +397,10 @@ def lock(paths: Sequence[Path], environment: Environment, *, update: bool = Fals
                 base = None
                 if kind is RefKind.SNAPSHOT:
                     ref = parse_reference(original).with_digest(pinned.digest)
-                    base = resolve_snapshot(content, ref, original).config.image_digest
+                    snapshot = resolve_snapshot(content, ref, original, context.project.nodes[body.node].arch)
+                    # Each child of an index records its own platform's base: only a single
+                    # manifest has one base to lock.
+                    base = snapshot.config.image_digest if snapshot.pinned.digest == pinned.digest else None
                 entries[original] = LockEntry(
                     original=original,
                     kind=kind,
@@ -370,12 +443,20 @@ def validate(paths: Sequence[Path], environment: Environment) -> list[LoadedSpec
 
 
 def export_state(
-    root: Path, environment: Environment, root_dir: str | None = None, run_dir: str | None = None
+    root: Path,
+    environment: Environment,
+    root_dir: str | None = None,
+    run_dir: str | None = None,
+    cni_conf_dir: Path | None = None,
 ) -> NodeState:
     """Read the cocoon root found at ``root`` (relative to the working directory) for export.
 
     ``root_dir`` and ``run_dir`` are the node's own ``--root-dir`` (default ``/var/lib/cocoon``)
-    and ``--run-dir`` (default ``<root_dir>/run``): the paths its records hold. Raises
-    StateError when the root cannot be read or contradicts itself; nothing is written.
+    and ``--run-dir`` (default ``<root_dir>/run``): the paths its records hold. ``cni_conf_dir``
+    (the node's ``--cni-conf-dir`` or a copy) gives the state its ``default_network``. Raises
+    StateError when the root or conf dir cannot be read or contradicts itself; nothing is written.
     """
-    return read_node_root(environment.cwd / root, root_dir or DEFAULT_ROOT_DIR, run_dir)
+    state = read_node_root(environment.cwd / root, root_dir or DEFAULT_ROOT_DIR, run_dir)
+    if cni_conf_dir is None:
+        return state
+    return state.model_copy(update={"default_network": read_default_network(environment.cwd / cni_conf_dir)})

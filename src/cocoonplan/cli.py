@@ -102,6 +102,13 @@ def plan(
         list[str] | None,
         typer.Option("--state", help="[NODE=]FILE: read the node's state from an exported state document."),
     ] = None,
+    assume_empty_node: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--assume-empty-node",
+            help="NODE: plan a node whose state is not given as empty (creates); without it its VMs are unknown.",
+        ),
+    ] = None,
 ) -> None:
     """Resolve specs and show what would change on the nodes, Terraform style."""
     try:
@@ -112,6 +119,7 @@ def plan(
             refresh_only=refresh_only,
             roots=root or [],
             states=state or [],
+            assume_empty=assume_empty_node or [],
         )
     except CocoonplanError as exc:
         raise _fail(exc) from exc
@@ -236,10 +244,17 @@ def state_export(
     run_dir: Annotated[
         str | None, typer.Option("--run-dir", help="The node's cocoon --run-dir [default: <root-dir>/run].")
     ] = None,
+    cni_conf_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--cni-conf-dir",
+            help="The node's cocoon --cni-conf-dir (or a copy): records its default network.",
+        ),
+    ] = None,
 ) -> None:
     """Print the node's state document (JSON) for a project's `state:`; no secrets, no local paths."""
     try:
-        state = api.export_state(root, _environment(), root_dir, run_dir)
+        state = api.export_state(root, _environment(), root_dir, run_dir, cni_conf_dir)
     except CocoonplanError as exc:
         raise _fail(exc) from exc
     sys.stdout.write(encode_state(state))

@@ -162,6 +162,13 @@ def vm_run_dir(run_dir: str, vm_id: str) -> str:
     return f"{run_dir.rstrip('/')}/cloudhypervisor/{vm_id}"
 
 
+def snapshot_import_name(digest: str) -> str:
+    """The local name cocoonplan imports a snapshot artifact under: derived from its manifest
+    digest, so a stale local snapshot of the same tag can never be taken for it (cocoon #46).
+    63 characters, within cocoon's name syntax."""
+    return "cocoonplan-" + digest.removeprefix("sha256:")[:52]
+
+
 def layer_serial(index: int) -> str:
     """The virtio serial of base layer ``index`` (0 = bottom)."""
     return f"cocoon-layer{index}"

@@ -3,26 +3,46 @@
 from __future__ import annotations
 
 import json
+import shlex
 from collections.abc import Collection
 from pathlib import Path
 
 from cocoonplan.errors import PlanError
-from cocoonplan.planner.model import Action, Plan, VMPlan
+from cocoonplan.planner.model import Action, ConfigOrigin, Plan, VMPlan
 
-RENDERED_FILES = ("config.json", "disks.json", "launch")
+RENDERED_FILES = (
+    "config.json",
+    "config.derived.json",
+    "disks.json",
+    "launch",
+    "restore.json",
+    "provisional.json",
+)
+CONFIG_FILES = {ConfigOrigin.WRITTEN: "config.json", ConfigOrigin.DERIVED: "config.derived.json"}
+"""A config cocoon writes is ``config.json``; one derived from launch arguments says so in its name."""
+
+
+def _json(value: object) -> str:
+    return json.dumps(value, indent=2, ensure_ascii=False) + "\n"
 
 
 def rendered_files(vm: VMPlan) -> dict[str, str]:
-    """The files rendered for one VM, by name: pretty JSON (key order kept) and the launch line.
+    """The files rendered for one VM, by name.
 
-    config.json keeps cocoon's key order; it is indented so that reviews diff field by field.
+    The config keeps cocoon's key order, indented so that reviews diff field by field; the
+    launch is quoted so that a shell runs exactly the planned arguments; a clone's restore
+    calls follow its launch; ``provisional.json`` lists the values cocoon or CNI choose at
+    create time, and why.
     """
-    disks = [d.model_dump(mode="json") for d in vm.disks]
-    return {
-        "config.json": json.dumps(vm.config, indent=2, ensure_ascii=False) + "\n",
-        "disks.json": json.dumps(disks, indent=2) + "\n",
-        "launch": vm.launch + "\n",
+    files = {
+        CONFIG_FILES[vm.config_origin]: _json(vm.config),
+        "disks.json": _json([d.model_dump(mode="json") for d in vm.disks]),
+        "launch": shlex.join(vm.launch) + "\n",
+        "provisional.json": _json({"provisional": list(vm.provisional), "notes": list(vm.notes)}),
     }
+    if vm.restore:
+        files["restore.json"] = _json([r.model_dump(mode="json") for r in vm.restore])
+    return files
 
 
 def render_tree(plan: Plan) -> dict[str, str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from enum import StrEnum
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, StringConstraints
@@ -19,6 +20,16 @@ NAME_PATTERN = r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,62}$"
 
 Digest = Annotated[str, StringConstraints(pattern=DIGEST_PATTERN)]
 """A content digest, always ``sha256:<64 lower-case hex>``; tags never stand in for one."""
+
+
+class Mode(StrEnum):
+    """How a VM comes to be: cloned from a hot snapshot, or booted fresh from an image.
+
+    Shared by the plan and by cocoonplan's ownership records on the node.
+    """
+
+    CLONE = "clone"
+    RUN = "run"
 
 
 class Model(BaseModel):

@@ -11,8 +11,8 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from cocoonplan.cocoon import BootConfig, SnapshotMeta, StorageConfig
-from cocoonplan.model import NAME_PATTERN, Digest, Model, canonical_json, sha256_digest
+from cocoonplan.cocoon import BootConfig, DiskRole, SnapshotMeta, StorageConfig
+from cocoonplan.model import NAME_PATTERN, Digest, Mode, Model, canonical_json, sha256_digest
 
 STATE_FORMAT_VERSION = 1
 OWNERSHIP_FILE = "cocoonplan/owned.json"
@@ -65,6 +65,8 @@ class Owner(Model):
     """The snapshot or image manifest digest it was created from."""
     source_ref: str | None = None
     """The snapshot or image reference as the spec wrote it (a label)."""
+    mode: Mode | None = None
+    """Clone or run, as applied; None in records written before cocoonplan recorded it."""
     config_sha256: Digest | None = None
     """sha256 of the config.json written at apply (clones)."""
     launch: str | None = None
@@ -85,6 +87,8 @@ class ObservedVM(Model):
     boot_config: BootConfig | None = None
     nics: tuple[ObservedNic, ...] = ()
     image_blob_ids: tuple[str, ...] = ()
+    snapshot_ids: tuple[str, ...] = ()
+    """Snapshots taken from this VM (``snapshot save``); ``vm restore`` needs one of them."""
     run_dir: str = ""
     runtime_config: dict[str, Any] | None = None
     """``<run>/config.json`` (clones and restores only), key order kept."""
@@ -100,6 +104,39 @@ class ObservedVM(Model):
     def fingerprint(self) -> Digest:
         """sha256 of everything observed about this VM; apply refuses a plan made on another."""
         return sha256_digest(canonical_json(self.model_dump(mode="json")))
+
+    @property
+    def running(self) -> bool:
+        """Whether cocoon records the VM as running (its runtime files then exist)."""
+        return self.state == "running"
+
+    @property
+    def restored(self) -> bool:
+        """Whether the run directory holds a snapshot of this very VM (``cocoon vm restore``).
+
+        Clone and restore both copy a snapshot's ``cocoon.json`` into the run directory, and
+        only its writable disks tell them apart: a snapshot of this VM names this VM's own
+        run directory, a clone's names its source VM's.
+        """
+        if self.runtime_meta is None:
+            return False
+        own = self.run_dir.rstrip("/") + "/"
+        writable = [c.path for c in self.runtime_meta.storage_configs if c.role is not DiskRole.LAYER]
+        return bool(writable) and all(path.startswith(own) for path in writable)
+
+    @property
+    def mode(self) -> Mode:
+        """Clone or run, on the best evidence: cocoonplan's record, its source digest, the run dir.
+
+        A run's source is its image, so its recorded source digest is the record's
+        ``image_digest``; a clone's is the snapshot's. Without a record, a run directory
+        holding another VM's snapshot sidecar means a clone.
+        """
+        if self.owner is not None:
+            if self.owner.mode is not None:
+                return self.owner.mode
+            return Mode.RUN if self.owner.source == self.settings.image_digest else Mode.CLONE
+        return Mode.CLONE if self.runtime_meta is not None and not self.restored else Mode.RUN
 
 
 class ObservedImage(Model):
@@ -120,6 +157,10 @@ class ObservedSnapshot(Model):
     image: str = ""
     image_digest: str = ""
     image_blob_ids: tuple[str, ...] = ()
+    queue_size: int = 0
+    """The source VM's settings, which a clone inherits unless its flags override them."""
+    disk_queue_size: int = 0
+    no_direct_io: bool = False
 
 
 class NodeState(Model):
@@ -134,6 +175,11 @@ class NodeState(Model):
     snapshots: tuple[ObservedSnapshot, ...] = ()
     blobs: tuple[str, ...] = Field(default=())
     """Hexes of the layers whose EROFS conversion exists under ``oci/blobs``."""
+    default_network: str | None = None
+    """The conflist name cocoon records for a VM given no ``--network``, read from the CNI conf
+    dir given to ``state export --cni-conf-dir``; None when not read or when it has none."""
+    boot_files: tuple[str, ...] = ()
+    """Boot files extracted from layers, as ``<layer hex>/vmlinuz`` or ``<layer hex>/initrd.img``."""
 
     def vm_named(self, name: str) -> ObservedVM | None:
         """The VM of that name on the node, if any."""

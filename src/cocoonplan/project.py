@@ -8,6 +8,7 @@ directory, and where each node's cocoon state is found.
 from __future__ import annotations
 
 import re
+from enum import StrEnum
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -33,6 +34,13 @@ class RegistrySource(Model):
         return self
 
 
+class Arch(StrEnum):
+    """A node's CPU architecture; values are the OCI platform (Go ``GOARCH``) spellings."""
+
+    AMD64 = "amd64"
+    ARM64 = "arm64"
+
+
 class NodeConfig(Model):
     """One cocoon node: its settings and where its state can be read from here."""
 
@@ -43,6 +51,8 @@ class NodeConfig(Model):
     state: str | None = None
     """Where to read the node's state from here: a cocoon root directory or an exported
     state document (relative to the project file). Without it the node is taken as empty."""
+    arch: Arch = Arch.AMD64
+    """The node's CPU architecture: cocoon pulls ``linux/<arch>`` from a multi-platform index."""
     cpus: int = Field(ge=1)
     """Host CPU count (required): cocoon launches with ``--cpus max=<host CPUs>``, pins queues by
     it, and refuses a VM with more vCPUs."""
@@ -50,6 +60,12 @@ class NodeConfig(Model):
     """Whether ``/proc/sys/vm/nr_hugepages`` is above 0 on the node (adds ``hugepages=on``)."""
     dns: tuple[str, ...] = ("8.8.8.8", "1.1.1.1")
     """cocoon's ``--dns`` setting; the first two go into static ``ip=`` kernel parameters."""
+    default_network: str | None = Field(default=None, alias="defaultNetwork", min_length=1)
+    """The CNI conflist name cocoon records for a VM given no ``--network``; overrides
+    ``cniConfDir`` and the state's ``default_network``."""
+    cni_conf_dir: str | None = Field(default=None, alias="cniConfDir")
+    """A copy of the node's ``--cni-conf-dir`` (relative to the project file), read with
+    cocoon's rule to find the default network when ``defaultNetwork`` is not given."""
 
     model_config = Model.model_config | {"populate_by_name": True}
 

@@ -13,6 +13,7 @@ from pydantic import Field
 from cocoonplan.cocoon import SnapshotConfig, SnapshotMeta
 from cocoonplan.model import Digest, Model
 from cocoonplan.observed import NodeState
+from cocoonplan.project import NodeConfig
 
 
 class BlobRef(Model):
@@ -79,6 +80,9 @@ class ResolvedVM(Model):
     """``expect.baseImage``, resolved to a manifest digest through the lock."""
     present_blobs: frozenset[str] = frozenset()
     """Layer hexes whose EROFS conversion already exists on the node."""
+    base_boot: ResolvedImage | None = None
+    """Clone mode, when the node lacks the snapshot's kernel or initrd: its base image with
+    the layers cocoon would extract them from."""
 
 
 class RunningBase(Model):
@@ -95,7 +99,11 @@ class NodeView(Model):
     """One node as the planner sees it."""
 
     name: str
+    settings: NodeConfig
+    """The node as the project file declares it."""
     state: NodeState | None
-    """None when the project gives no state for the node: every VM is then created."""
+    """None when the node's state is not known: nothing can be decided about its VMs."""
     bases: dict[str, RunningBase] = Field(default_factory=dict)
     """By VM ID: the base each running VM must be on; a VM missing here cannot be checked for layer drift."""
+    default_network: str | None = None
+    """The network cocoon records for a VM given no ``--network`` on this node; None when unknown."""

@@ -48,6 +48,22 @@ class Backend(StrEnum):
     FIRECRACKER = "firecracker"
 
 
+class PowerState(StrEnum):
+    """Whether the VM should be running; values are cocoon's record states for the two."""
+
+    RUNNING = "running"
+    STOPPED = "stopped"
+
+
+class RestoreMode(StrEnum):
+    """How a clone's guest memory is restored (cocoon v0.3.8: ``--on-demand`` or not)."""
+
+    COPY = "copy"
+    """The whole memory file is read before the guest resumes (no ``memory_restore_mode``)."""
+    ONDEMAND = "ondemand"
+    """Pages are faulted in on first use (``memory_restore_mode: OnDemand``)."""
+
+
 class FsType(StrEnum):
     """Filesystem cocoon formats a data disk with; ``none`` leaves it raw."""
 
@@ -143,6 +159,8 @@ class VMSpecBody(Model):
     """The node (a name from ``cocoonplan.yaml``) the VM runs on."""
     backend: Backend = Backend.CLOUD_HYPERVISOR
     """Hypervisor; only ``cloud-hypervisor`` is planned for now."""
+    state: PowerState = PowerState.RUNNING
+    """Power state: a stopped VM keeps its disks and record (``cocoon vm stop``)."""
     cpu: int | None = Field(default=None, ge=1)
     """vCPUs; run default 2, clone default the snapshot's (and never below it)."""
     memory: Size | None = None
@@ -157,8 +175,10 @@ class VMSpecBody(Model):
     """virtio-net queue size; cocoon's default 512."""
     disk_queue_size: int | None = Field(default=None, alias="diskQueueSize", ge=1)
     """virtio-blk queue size; cocoon's default 512."""
-    no_direct_io: bool = Field(default=False, alias="noDirectIO")
-    """Turn O_DIRECT off for writable disks."""
+    no_direct_io: bool | None = Field(default=None, alias="noDirectIO")
+    """Turn O_DIRECT off for writable disks; unset: off for runs, a local snapshot's setting for clones."""
+    restore_mode: RestoreMode = Field(default=RestoreMode.COPY, alias="restoreMode")
+    """Clones only: how guest memory is restored."""
     data_disks: tuple[DataDisk, ...] = Field(default=(), alias="dataDisks")
     """Run mode only: extra disks, after the COW disk, in this order."""
     expect: Expectations | None = None
@@ -199,6 +219,8 @@ class VMSpecBody(Model):
     def _one_source(self) -> VMSpecBody:
         if (self.snapshot is None) == (self.image is None):
             raise ValueError("give exactly one of snapshot (clone mode) or image (run mode)")
+        if self.image is not None and self.restore_mode is not RestoreMode.COPY:
+            raise ValueError("restoreMode applies to clones only: a run boots fresh")
         if self.snapshot is not None and self.data_disks:
             raise ValueError("dataDisks cannot be set on a clone: cocoon clones the snapshot's data disks")
         if self.image is not None and self.expect and self.expect.base_image:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pydantic import ValidationError
@@ -15,6 +16,13 @@ from cocoonplan.project import PROJECT_FILE
 from cocoonplan.spec import VM_KIND, LoadedSpec, VMSpec
 
 SPEC_SUFFIXES = (".yaml", ".yml")
+API_GROUP = "cocoonplan/"
+"""The prefix of every apiVersion cocoonplan defines; a document under it is cocoonplan's to judge."""
+PROJECT_KIND = "Project"
+KNOWN_KINDS = (VM_KIND, PROJECT_KIND)
+VM_SHAPE = (("metadata", "name"), ("spec", "node"))
+"""Keys a VM spec always has; with ``spec.snapshot`` or ``spec.image`` they make a kind-less
+document recognisably a VM spec."""
 
 
 def spec_files(paths: Sequence[Path], cwd: Path) -> list[Path]:
@@ -45,15 +53,76 @@ class ProjectIndex:
     """Every VM and reference the project's YAML files name, whatever else they hold."""
 
     vms: frozenset[tuple[str, str]]
-    """(node, VM name) of every ``kind: VM`` document."""
+    """(node, VM name) of every ``kind: VM`` document, and of every VM document whose kind is
+    mistyped (see :func:`kind_mistake`)."""
     references: frozenset[str]
     """Every ``snapshot``, ``image`` and ``expect.baseImage`` as written."""
 
 
-def _str_at(data: object, *keys: str) -> str | None:
+def _value_at(data: object, *keys: str) -> object:
     for key in keys:
         data = data.get(key) if isinstance(data, dict) else None
-    return data if isinstance(data, str) else None
+    return data
+
+
+def _str_at(data: object, *keys: str) -> str | None:
+    value = _value_at(data, *keys)
+    return value if isinstance(value, str) else None
+
+
+def _has_vm_shape(data: dict[Any, Any]) -> bool:
+    sources = (("spec", "snapshot"), ("spec", "image"))
+    return all(_value_at(data, *keys) is not None for keys in VM_SHAPE) and any(
+        _value_at(data, *keys) is not None for keys in sources
+    )
+
+
+def kind_mistake(data: dict[Any, Any]) -> tuple[str, str] | None:
+    """What is wrong with a document's kind, as (summary, hint); None for ``kind: VM`` and for
+    other tools' documents, which a GitOps repo may hold beside the specs.
+
+    Skipping a mistyped VM document silently would make its VM look removed, and a plan
+    would delete it: these mistakes are errors instead.
+    """
+    kind, api_version = data.get("kind"), data.get("apiVersion")
+    ours = isinstance(api_version, str) and api_version.startswith(API_GROUP)
+    if kind == VM_KIND:
+        return None
+    if kind is None:
+        if _has_vm_shape(data):
+            return "kind: missing in a document shaped like a VM spec", "did you mean kind: VM?"
+        if ours:
+            return f"kind: missing in a document of apiVersion {api_version}", "did you mean kind: VM?"
+        return None
+    if kind == PROJECT_KIND:
+        # Only the nearest cocoonplan.yaml is read as the project file. Registries or nodes
+        # written here would be ignored without a word, so ours is refused; other tools'
+        # Project kinds (OpenShift, Config Connector) are theirs and skipped.
+        if ours:
+            return (
+                f"kind: a {PROJECT_KIND} document is read only from {PROJECT_FILE}, never from a spec file",
+                f"move it into {PROJECT_FILE}, the project file at or above the specs",
+            )
+        return None
+    near = next((k for k in KNOWN_KINDS if isinstance(kind, str) and kind.lower() == k.lower()), None)
+    if near == PROJECT_KIND:
+        return (
+            f"kind: unknown kind {kind!r} (kinds are case-sensitive)",
+            f"did you mean kind: {PROJECT_KIND}? It belongs in {PROJECT_FILE}, not in a spec file",
+        )
+    if near is not None:
+        return f"kind: unknown kind {kind!r} (kinds are case-sensitive)", f"did you mean kind: {near}?"
+    if ours:
+        return (
+            f"kind: unknown kind {kind!r} for apiVersion {api_version} (spec files hold kind: {VM_KIND})",
+            f"did you mean kind: {VM_KIND}?",
+        )
+    return None
+
+
+def _defines_vm(data: object) -> bool:
+    # A mistyped kind still claims its VM: a typo must never make a VM look removed.
+    return isinstance(data, dict) and (data.get("kind") == VM_KIND or kind_mistake(data) is not None)
 
 
 def index_project(directory: Path) -> ProjectIndex:
@@ -71,7 +140,7 @@ def index_project(directory: Path) -> ProjectIndex:
         except (OSError, UnicodeDecodeError, yaml.YAMLError):
             continue
         for document in documents:
-            if not isinstance(document, dict) or document.get("kind") != VM_KIND:
+            if not _defines_vm(document):
                 continue
             name, node = _str_at(document, "metadata", "name"), _str_at(document, "spec", "node")
             if name and node:
@@ -92,12 +161,14 @@ def validate_document(document: LocatedDocument) -> VMSpec:
 
 
 def is_vm_document(document: LocatedDocument) -> bool:
-    """Whether a document declares ``kind: VM`` (other kinds in a repo are skipped)."""
+    """Whether a document declares ``kind: VM`` (other tools' kinds in a repo are skipped)."""
     return isinstance(document.data, dict) and document.data.get("kind") == VM_KIND
 
 
 def load_specs(path: Path, display: str, nodes: Collection[str]) -> list[LoadedSpec]:
     """Load every ``kind: VM`` document of a YAML file, validated; errors name file:line:column.
+
+    A mistyped kind (see :func:`kind_mistake`) is an error; other tools' documents are skipped.
 
     ``nodes`` are the node names the project file declares; a spec naming another is an error.
     """
@@ -105,6 +176,9 @@ def load_specs(path: Path, display: str, nodes: Collection[str]) -> list[LoadedS
     for document in read_documents(path, display):
         if not isinstance(document.data, dict):
             raise document.error((), "a document must be a mapping with apiVersion, kind, metadata and spec")
+        if mistake := kind_mistake(document.data):
+            summary, hint = mistake
+            raise document.error(("kind",), summary, hint=hint)
         if not is_vm_document(document):
             continue
         spec = validate_document(document)

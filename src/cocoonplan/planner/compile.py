@@ -5,26 +5,29 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 
 from cocoonplan.errors import CocoonplanError, PlanError
-from cocoonplan.model import Model
+from cocoonplan.model import Mode, Model
 from cocoonplan.observed import ObservedVM
 from cocoonplan.planner.clone import clone_nic_count, plan_clone
 from cocoonplan.planner.diff import diff_vm, observed_disk, replace_paths
 from cocoonplan.planner.drift import drift_of
-from cocoonplan.planner.identity import identity_for
+from cocoonplan.planner.hypervisor import record_launch
+from cocoonplan.planner.identity import Identity, fresh_identity, kept_identity
 from cocoonplan.planner.model import (
     Action,
+    ConfigOrigin,
     DesiredVM,
     Diagnostic,
     LockChange,
-    Mode,
     Plan,
+    PlannedNic,
     Summary,
     VMPlan,
 )
+from cocoonplan.planner.provisional import mark_provisional
 from cocoonplan.planner.run import plan_run, run_nic_count
 from cocoonplan.project import NodeConfig
 from cocoonplan.resolved import NodeView, PinnedRef, ResolvedVM
-from cocoonplan.spec import LoadedSpec
+from cocoonplan.spec import LoadedSpec, PowerState
 
 
 class PlanInput(Model):
@@ -35,64 +38,120 @@ class PlanInput(Model):
     node: NodeConfig
 
 
-def compile_vm(item: PlanInput, running: ObservedVM | None) -> DesiredVM:
-    """The desired VM of one spec, keeping a running VM's ID and NICs; raises PlanError."""
-    spec = item.loaded.spec
+def nic_count(item: PlanInput) -> int:
+    """NICs the VM gets: a clone's at least its snapshot's."""
+    snapshot = item.resolved.snapshot
+    return clone_nic_count(item.loaded, snapshot) if snapshot else run_nic_count(item.loaded)
+
+
+def compile_vm(item: PlanInput, identity: Identity, view: NodeView) -> DesiredVM:
+    """The desired VM of one spec under ``identity``; raises PlanError."""
     resolved = item.resolved
     if resolved.snapshot is not None:
-        nics = clone_nic_count(item.loaded, resolved.snapshot)
-        identity = identity_for(spec.spec.node, spec.name, nics, running)
-        return plan_clone(
-            item.loaded,
-            resolved.snapshot,
-            resolved.expected_base,
-            item.node,
-            identity,
-            resolved.present_blobs,
-        )
+        return plan_clone(item.loaded, resolved, item.node, identity, view.state, view.default_network)
     assert resolved.image is not None  # a spec names exactly one of snapshot or image
-    identity = identity_for(spec.spec.node, spec.name, run_nic_count(item.loaded), running)
-    return plan_run(item.loaded, resolved.image, item.node, identity, resolved.present_blobs)
+    return plan_run(
+        item.loaded,
+        resolved.image,
+        item.node,
+        identity,
+        view.state,
+        view.default_network,
+        resolved.present_blobs,
+    )
+
+
+def fresh_vm(item: PlanInput, view: NodeView) -> DesiredVM:
+    """The VM as cocoon would create it now, with every value cocoon draws marked provisional."""
+    name, node, nics = item.loaded.spec.name, view.name, nic_count(item)
+    planned = compile_vm(item, fresh_identity(node, name, nics), view)
+    return mark_provisional(planned, compile_vm(item, fresh_identity(node, name, nics, draw=1), view))
 
 
 def _fetch_bytes(desired: DesiredVM) -> int:
     return sum(b.size for b in desired.blobs if not b.present)
 
 
-def decide(desired: DesiredVM, view: NodeView) -> VMPlan:
-    """Compare a desired VM with the node: create, replace or no-op, with changes and drift."""
-    running = view.state.vm_named(desired.name) if view.state else None
-    base = desired.model_dump()
-    if running is None:
+def power_action(observed: str, wanted: PowerState) -> tuple[Action, str]:
+    """What the VM's power state calls for, when nothing else differs."""
+    if observed == "running":
+        if wanted is PowerState.RUNNING:
+            return Action.NO_OP, "the node runs this VM as planned"
+        return Action.STOP, "the VM runs as planned, and its spec says stopped"
+    if observed in ("stopped", "created"):
+        if wanted is PowerState.RUNNING:
+            return Action.START, f"the VM is {observed} as planned, and its spec says running"
+        return Action.NO_OP, f"the VM is {observed} as planned"
+    # creating: a create in flight or one that died half way; error: cocoon could not run it.
+    return (
+        Action.UNKNOWN,
+        f"cocoon records the VM as {observed!r}: inspect it with `cocoon vm inspect` before planning it",
+    )
+
+
+def _started(desired: DesiredVM, running: ObservedVM, node: NodeConfig) -> DesiredVM:
+    """A VM that ``cocoon vm start`` will start: a clone cold-boots from its record then."""
+    if desired.mode is not Mode.CLONE:
+        return desired
+    note = (
+        "cocoon vm start cold-boots a clone from its record: the guest boots the recorded cmdline "
+        "(its own hostname and address), not the snapshot's memory"
+    )
+    return desired.model_copy(
+        update={"launch": record_launch(running, node) or desired.launch, "restore": (), "notes": (note,)}
+    )
+
+
+def plan_vm(item: PlanInput, view: NodeView) -> VMPlan:
+    """Compare a desired VM with the node: create, replace, start, stop, no-op or unknown.
+
+    A VM that stays keeps its identity (ID, NICs, paths) so that only real differences show;
+    a VM created or replaced gets a fresh, provisional one, as cocoon will draw a new one.
+    """
+    if view.state is None:
+        desired = fresh_vm(item, view)
         return VMPlan(
-            **base,
-            action=Action.CREATE,
-            reason="no VM of this name runs on the node",
+            **desired.model_dump(),
+            action=Action.UNKNOWN,
+            reason=f"the state of node {view.name} is not known, so whether this VM exists is not known",
             fetch_bytes=_fetch_bytes(desired),
         )
-    images = view.state.images if view.state else ()
-    drift = drift_of(running, view.bases.get(running.id), images)
-    changes = diff_vm(desired, running)
-    paths = replace_paths(changes)
-    if not changes:
+    running = view.state.vm_named(item.loaded.spec.name)
+    if running is None:
+        desired = fresh_vm(item, view)
         return VMPlan(
-            **base,
-            action=Action.NO_OP,
-            reason="the node runs this VM as planned",
-            drift=drift,
-            observed_fingerprint=running.fingerprint(),
-            fetch_bytes=0,
+            **desired.model_dump(),
+            action=Action.CREATE,
+            reason="no VM of this name is on the node",
+            fetch_bytes=_fetch_bytes(desired),
         )
-    return VMPlan(
-        **base,
-        action=Action.REPLACE,
-        reason=f"{', '.join(paths)} {'differs' if len(paths) == 1 else 'differ'} on the node, and cocoon cannot change a VM in place",
-        replace_paths=paths,
-        changes=changes,
-        drift=drift,
-        observed_fingerprint=running.fingerprint(),
-        fetch_bytes=_fetch_bytes(desired),
-    )
+    kept = compile_vm(item, kept_identity(running, nic_count(item)), view)
+    changes = diff_vm(kept, running)
+    observed = {
+        "observed_state": running.state,
+        "observed_fingerprint": running.fingerprint(),
+        "drift": drift_of(running, view.bases.get(running.id), view.state.images, view.settings),
+    }
+    if changes:
+        paths = replace_paths(changes)
+        desired = fresh_vm(item, view)
+        # Which fields differ is decided with the identity held (a new ID is no difference of
+        # its own); what they become is what the replacement will have.
+        planned = {change.path: change for change in diff_vm(desired, running)}
+        return VMPlan(
+            **desired.model_dump(),
+            action=Action.REPLACE,
+            reason=f"{', '.join(paths)} {'differs' if len(paths) == 1 else 'differ'} on the node, "
+            "and cocoon cannot change a VM in place",
+            replace_paths=paths,
+            changes=tuple(planned.get(change.path, change) for change in changes),
+            fetch_bytes=_fetch_bytes(desired),
+            **observed,
+        )
+    action, reason = power_action(running.state, kept.state)
+    if action is Action.START:
+        kept = _started(kept, running, view.settings)
+    return VMPlan(**kept.model_dump(), action=action, reason=reason, fetch_bytes=0, **observed)
 
 
 def _observed_source(vm: ObservedVM) -> tuple[PinnedRef | None, PinnedRef | None]:
@@ -107,7 +166,7 @@ def _observed_source(vm: ObservedVM) -> tuple[PinnedRef | None, PinnedRef | None
         if settings.image and settings.image_digest
         else None
     )
-    if vm.runtime_meta is None:
+    if vm.mode is Mode.RUN:
         digest = vm.owner.source if vm.owner else settings.image_digest
         return (PinnedRef(ref=settings.image or vm.name, digest=digest) if digest else None), None
     if vm.owner is None:
@@ -123,9 +182,10 @@ def observed_plan(vm: ObservedVM, view: NodeView, action: Action, reason: str) -
     return VMPlan(
         name=vm.name,
         node=view.name,
-        mode=Mode.CLONE if vm.runtime_meta is not None else Mode.RUN,
+        mode=vm.mode,
         spec_file=vm.owner.spec_file if vm.owner else None,
         vm_id=vm.id,
+        state=PowerState.RUNNING if vm.running else PowerState.STOPPED,
         source=source,
         base_image=base,
         cpu=vm.settings.cpu,
@@ -133,14 +193,27 @@ def observed_plan(vm: ObservedVM, view: NodeView, action: Action, reason: str) -
         storage=vm.settings.storage,
         nics=len(vm.nics),
         network=vm.settings.network,
+        interfaces=tuple(
+            PlannedNic(
+                index=i,
+                tap=n.tap,
+                mac=n.mac,
+                num_queues=n.num_queues,
+                queue_size=n.queue_size,
+                address=n.network,
+            )
+            for i, n in enumerate(vm.nics)
+        ),
         blobs=(),
         disks=tuple(observed_disk(i, c) for i, c in enumerate(vm.storage_configs)),
         config=vm.runtime_config or {},
+        config_origin=ConfigOrigin.DERIVED if vm.runtime_config is None else ConfigOrigin.WRITTEN,
         cmdline=vm.boot_config.cmdline or "" if vm.boot_config else "",
-        launch=vm.launch or "",
+        launch=record_launch(vm, view.settings) or (),
         action=action,
         reason=reason,
-        drift=drift_of(vm, view.bases.get(vm.id), images),
+        drift=drift_of(vm, view.bases.get(vm.id), images, view.settings),
+        observed_state=vm.state,
         observed_fingerprint=vm.fingerprint(),
         fetch_bytes=0,
     )
@@ -208,6 +281,9 @@ def summarize(vms: Sequence[VMPlan], errors: Sequence[Diagnostic]) -> Summary:
         update=counts[Action.UPDATE],
         replace=counts[Action.REPLACE],
         delete=counts[Action.DELETE],
+        start=counts[Action.START],
+        stop=counts[Action.STOP],
+        unknown=counts[Action.UNKNOWN],
         no_op=counts[Action.NO_OP],
         fetch_bytes=sum(fetch.values()),
         fetch_blobs=len(fetch),
@@ -223,6 +299,20 @@ def refresh(nodes: Mapping[str, NodeView]) -> list[VMPlan]:
         observed_plan(vm, view, Action.NO_OP, reason)
         for view in nodes.values()
         for vm in (view.state.vms if view.state else ())
+    ]
+
+
+def unknown_nodes(vms: Sequence[VMPlan], nodes: Mapping[str, NodeView]) -> list[Diagnostic]:
+    """One warning per node whose state is not known but which specs target."""
+    targeted = sorted({vm.node for vm in vms if nodes[vm.node].state is None})
+    return [
+        Diagnostic(
+            summary=f"the state of node {name} is not known: its VMs are planned as unknown and nothing "
+            "on it will be created, replaced or deleted",
+            hint=f"set `state:` for {name} in cocoonplan.yaml, pass --root/--state, or pass "
+            f"--assume-empty-node {name} for a node known to have no VMs",
+        )
+        for name in targeted
     ]
 
 
@@ -260,13 +350,13 @@ def make_plan(
             foreign = _foreign(item, view)
             if foreign is not None:
                 raise foreign
-            running = view.state.vm_named(spec.name) if view.state else None
-            vms.append(decide(compile_vm(item, running), view))
+            vms.append(plan_vm(item, view))
         except CocoonplanError as exc:
             diagnostics.append(Diagnostic.from_error(exc, vm=spec.name, file=item.loaded.file))
     if refresh_only:
         vms = refresh(nodes)
     else:
+        notes += unknown_nodes(vms, nodes)
         for view in nodes.values():
             deletes, foreign_warnings = unclaimed(view, defined[view.name], scope)
             vms += deletes

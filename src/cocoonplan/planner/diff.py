@@ -13,7 +13,7 @@ from deepdiff.helper import notpresent
 
 from cocoonplan.cocoon import DiskRole, StorageConfig, layer_hex
 from cocoonplan.observed import ObservedVM
-from cocoonplan.planner.model import BlobKind, Change, DesiredVM, Mode, PlannedDisk
+from cocoonplan.planner.model import BlobKind, Change, ConfigOrigin, DesiredVM, PlannedDisk
 
 
 def observed_disk(index: int, config: StorageConfig) -> PlannedDisk:
@@ -86,33 +86,41 @@ def blob_changes(desired: DesiredVM, vm: ObservedVM) -> list[Change]:
 
 
 def diff_vm(desired: DesiredVM, vm: ObservedVM) -> tuple[Change, ...]:
-    """Every difference between the VM on the node and the desired VM; empty when they agree."""
+    """Every difference between the VM on the node and the desired VM; empty when they agree.
+
+    Only what cocoon keeps across a VM's life is compared: its record and, for a clone, the
+    ``config.json`` cocoon wrote. The power state is not a difference (start and stop change
+    it), and neither are runtime files, which cocoon deletes on stop and rewrites on start
+    (their drift is reported by :mod:`cocoonplan.planner.drift`).
+    """
     changes: list[Change] = []
     after_source = desired.source.digest if desired.source else None
     if vm.owner is not None and vm.owner.source != after_source:
         changes.append(Change(path="source.digest", before=vm.owner.source, after=after_source))
+    if vm.mode is not desired.mode:
+        changes.append(Change(path="mode", before=vm.mode.value, after=desired.mode.value))
     settings = vm.settings
-    for field, before, after in (
+    compared: list[tuple[str, int | str, int | str]] = [
         ("cpu", settings.cpu, desired.cpu),
         ("memory", settings.memory, desired.memory),
         ("storage", settings.storage, desired.storage),
         ("nics", len(vm.nics), desired.nics),
-        ("network", settings.network, desired.network),
-    ):
-        if before != after:
-            changes.append(Change(path=field, before=before, after=after))
+    ]
+    # An empty network is the node's default, which is not known here: whatever network
+    # cocoon recorded may be it, so it is no evidence of a difference.
+    if desired.network:
+        compared.append(("network", settings.network, desired.network))
+    changes += [Change(path=field, before=old, after=new) for field, old, new in compared if old != new]
     changes += disk_changes(desired, vm)
     changes += blob_changes(desired, vm)
-    if vm.runtime_config is not None:
-        changes += config_changes(vm.runtime_config, desired.config)
-    elif desired.mode is Mode.CLONE:
-        changes.append(Change(path="config", before=None, after="(the snapshot's config.json, patched)"))
-    for name, old, new in (
-        ("cmdline", vm.boot_config.cmdline if vm.boot_config else None, desired.cmdline),
-        ("launch", vm.launch, desired.launch),
-    ):
-        if old != new:
-            changes.append(Change(path=name, before=old, after=new))
+    if desired.config_origin is ConfigOrigin.WRITTEN:
+        if vm.runtime_config is not None:
+            changes += config_changes(vm.runtime_config, desired.config)
+        else:
+            changes.append(Change(path="config", before=None, after="(the snapshot's config.json, patched)"))
+    recorded = vm.boot_config.cmdline if vm.boot_config else None
+    if recorded != desired.cmdline:
+        changes.append(Change(path="cmdline", before=recorded, after=desired.cmdline))
     return tuple(changes)
 
 

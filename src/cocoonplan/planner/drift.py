@@ -1,7 +1,8 @@
 """Drift: a VM on the node that is not what it should be, whatever its spec says.
 
-Two kinds: its layers are not the layers of the image it was made from (the founding bug:
-a clone on another image's layers), or its runtime files differ from what cocoonplan applied.
+Three kinds: its layers are not the layers of the image it was made from (the founding bug:
+a clone on another image's layers); the running VMM was started with arguments cocoon would
+not give it; or its files differ from what cocoonplan applied.
 Each alien layer is named with every image on the node that contains it.
 """
 
@@ -11,16 +12,18 @@ from collections.abc import Sequence
 from itertools import zip_longest
 
 from cocoonplan.cocoon import DiskRole, layer_hex
-from cocoonplan.model import hex_to_digest, short_digest
+from cocoonplan.model import Mode, hex_to_digest, short_digest
 from cocoonplan.observed import ObservedImage, ObservedVM
+from cocoonplan.planner.hypervisor import record_launch, restore_launch_command
 from cocoonplan.planner.model import Drift
+from cocoonplan.project import NodeConfig
 from cocoonplan.resolved import RunningBase
 
 
 def layer_drift(vm: ObservedVM, base: RunningBase, images: Sequence[ObservedImage]) -> list[Drift]:
     """One entry per layer index where the VM's layer differs from its base image's."""
     found = [layer_hex(c) for c in vm.storage_configs if c.role is DiskRole.LAYER]
-    whose = "the snapshot's base" if vm.runtime_meta is not None else "the image"
+    whose = "the snapshot's base" if vm.mode is Mode.CLONE else "the image"
     drift = []
     for index, (have, want) in enumerate(
         zip_longest(found, [d.removeprefix("sha256:") for d in base.layers])
@@ -47,37 +50,65 @@ def layer_drift(vm: ObservedVM, base: RunningBase, images: Sequence[ObservedImag
     return drift
 
 
+def accepted_launches(vm: ObservedVM, node: NodeConfig) -> list[tuple[str, ...]]:
+    """Every argument list cocoon legitimately starts this VM with (§8a): a cold boot from its
+    record (``vm run``, ``vm start``, a clone restarted), and, once a snapshot was restored into
+    its run directory (``vm clone``, ``vm restore``), the API socket alone."""
+    forms = []
+    cold = record_launch(vm, node)
+    if cold is not None:
+        forms.append(cold)
+    if vm.runtime_meta is not None:
+        forms.append(restore_launch_command(f"{vm.run_dir}/api.sock"))
+    return forms
+
+
+def launch_drift(vm: ObservedVM, node: NodeConfig) -> list[Drift]:
+    """The running VMM's arguments (``<run>/cmdline``) against every form cocoon writes.
+
+    cocoon deletes the file on stop and rewrites it on start, so it says something only
+    while the VM runs; without a form to compare with, nothing is claimed.
+    """
+    forms = accepted_launches(vm, node)
+    if not vm.running or vm.launch is None or not forms or vm.launch in (" ".join(f) for f in forms):
+        return []
+    return [
+        Drift(
+            path="launch",
+            expected=[" ".join(f) for f in forms],
+            found=vm.launch,
+            message="the VM runs with arguments cocoon would not start it with from its record "
+            "(neither a cold boot nor a restore)",
+        )
+    ]
+
+
 def applied_drift(vm: ObservedVM) -> list[Drift]:
-    """Runtime files that differ from what cocoonplan recorded when it applied them."""
+    """Files that differ from what cocoonplan recorded when it applied them."""
     owner = vm.owner
     if owner is None:
         return []
-    drift = []
-    current = vm.runtime_config_sha256
-    if owner.config_sha256 and current is not None and current != owner.config_sha256:
-        drift.append(
-            Drift(
-                path="config.json",
-                expected=owner.config_sha256,
-                found=current,
-                message="the runtime config.json is not the one cocoonplan applied",
-            )
+    recorded = vm.boot_config.cmdline if vm.boot_config else None
+    # A file cocoonplan did not record, or (config.json) that the node lacks, says nothing.
+    checks = [
+        ("config.json", owner.config_sha256, vm.runtime_config_sha256, vm.runtime_config_sha256 is not None),
+        ("cmdline", owner.cmdline, recorded, True),
+    ]
+    return [
+        Drift(
+            path=path,
+            expected=applied,
+            found=found,
+            message=f"the {path} on the node is not the one cocoonplan applied",
         )
-    observed = {"launch": vm.launch, "cmdline": vm.boot_config.cmdline if vm.boot_config else None}
-    for field, applied in (("launch", owner.launch), ("cmdline", owner.cmdline)):
-        if applied is not None and observed[field] != applied:
-            drift.append(
-                Drift(
-                    path=field,
-                    expected=applied,
-                    found=observed[field],
-                    message=f"the {field} on the node is not the one cocoonplan applied",
-                )
-            )
-    return drift
+        for path, applied, found, comparable in checks
+        if applied is not None and comparable and found != applied
+    ]
 
 
-def drift_of(vm: ObservedVM, base: RunningBase | None, images: Sequence[ObservedImage]) -> tuple[Drift, ...]:
-    """All drift of one VM; without a known base only the applied files can be checked."""
+def drift_of(
+    vm: ObservedVM, base: RunningBase | None, images: Sequence[ObservedImage], node: NodeConfig
+) -> tuple[Drift, ...]:
+    """All drift of one VM; without a known base its layers cannot be checked."""
     found = layer_drift(vm, base, images) if base is not None else []
-    return tuple(found + applied_drift(vm))
+    return tuple(found + launch_drift(vm, node) + applied_drift(vm))

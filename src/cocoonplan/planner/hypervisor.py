@@ -16,7 +16,10 @@ from typing import Any
 
 from cocoonplan.cocoon import COW_SERIAL, DEFAULT_QUEUE_SIZE, StorageConfig, layer_serial
 from cocoonplan.errors import PlanError
+from cocoonplan.observed import ObservedVM
 from cocoonplan.planner.identity import NicIdentity
+from cocoonplan.planner.model import ApiRequest
+from cocoonplan.project import NodeConfig
 from cocoonplan.units import MIB
 
 CH_BINARY = "cloud-hypervisor"
@@ -129,8 +132,10 @@ def launch_command(
     nics: Sequence[NicIdentity],
     boot: Boot,
     tuning: Tuning,
-) -> str:
-    """The line cocoon writes to ``<run>/cmdline`` for a fresh direct-boot run (§5.7)."""
+) -> tuple[str, ...]:
+    """The arguments cocoon starts a direct-boot VM with (§5.7): a fresh run, and every
+    ``vm start`` (a clone's too, from its record). Kept as a list: ``--cmdline``'s value holds
+    spaces and ``queue_affinity`` glob characters."""
     cpus = f"boot={tuning.cpu},max={tuning.host_cpus}" + (",kvm_hyperv=on" if tuning.windows else "")
     memory = f"size={tuning.memory}" + (",hugepages=on" if tuning.hugepages else "")
     args = [CH_BINARY, "--api-socket", api_socket, "--cpus", cpus, "--memory", memory]
@@ -149,12 +154,71 @@ def launch_command(
     if balloon is not None:
         args += ["--balloon", f"size={balloon},deflate_on_oom=on,free_page_reporting=on"]
     args += ["--serial", "off", "--console", "pty"]
-    return " ".join(args)
+    return tuple(args)
 
 
-def clone_launch_command(api_socket: str) -> str:
-    """A clone starts with the API socket only, then ``vm.restore`` (§8.7)."""
-    return f"{CH_BINARY} --api-socket {api_socket}"
+def record_launch(vm: ObservedVM, node: NodeConfig) -> tuple[str, ...] | None:
+    """The arguments ``cocoon vm start`` would launch this VM with, from its record alone (a
+    clone cold-boots this way too); None when the record holds no direct-boot config."""
+    boot = vm.boot_config
+    if boot is None or not boot.kernel_path or not boot.initrd_path:
+        return None
+    settings = vm.settings
+    tuning = Tuning(
+        cpu=settings.cpu,
+        memory=settings.memory,
+        host_cpus=node.cpus,
+        queue_size=settings.queue_size or DEFAULT_QUEUE_SIZE,
+        disk_queue_size=settings.disk_queue_size or DEFAULT_QUEUE_SIZE,
+        no_direct_io=settings.no_direct_io,
+        hugepages=node.hugepages,
+        windows=settings.windows,
+    )
+    return launch_command(
+        api_socket=f"{vm.run_dir}/api.sock",
+        disks=vm.storage_configs,
+        nics=[NicIdentity(tap=n.tap, mac=n.mac) for n in vm.nics],
+        boot=Boot(kernel=boot.kernel_path, initrd=boot.initrd_path, cmdline=boot.cmdline or ""),
+        tuning=tuning,
+    )
+
+
+def restore_launch_command(api_socket: str) -> tuple[str, ...]:
+    """A clone or restore starts with the API socket only, then ``vm.restore`` (§8.7)."""
+    return (CH_BINARY, "--api-socket", api_socket)
+
+
+def net_body(nic: NicIdentity, tuning: Tuning) -> dict[str, Any]:
+    """The ``vm.add-net`` body cocoon sends for one of a clone's NICs (``networkConfigToNet``)."""
+    return {
+        "tap": nic.tap,
+        "mac": nic.mac,
+        "num_queues": net_queues(tuning.cpu),
+        "queue_size": tuning.queue_size,
+        "offload_tso": True,
+        "offload_ufo": True,
+        "offload_csum": True,
+    }
+
+
+def restore_requests(
+    run_dir: str, config: dict[str, Any], nics: Sequence[NicIdentity], tuning: Tuning, *, on_demand: bool
+) -> tuple[ApiRequest, ...]:
+    """The REST calls that turn a launched, empty VMM into the clone (§8.7): restore the
+    snapshot copied into ``run_dir``, unplug every snapshot NIC that has a device ID, plug the
+    clone's NICs (CH assigns their IDs), resume."""
+    restore: dict[str, Any] = {"source_url": f"file://{run_dir}"}
+    if on_demand:
+        restore["memory_restore_mode"] = "OnDemand"
+    calls = [ApiRequest(endpoint="vm.restore", body=restore)]
+    calls += [
+        ApiRequest(endpoint="vm.remove-device", body={"id": n["id"]})
+        for n in config.get("net") or ()
+        if isinstance(n, dict) and n.get("id")
+    ]
+    calls += [ApiRequest(endpoint="vm.add-net", body=net_body(nic, tuning)) for nic in nics]
+    calls.append(ApiRequest(endpoint="vm.resume"))
+    return tuple(calls)
 
 
 def _disk_config(index: int, disk: StorageConfig, tuning: Tuning) -> dict[str, Any]:

@@ -1,9 +1,10 @@
 """Who a VM is on its node: its ID and its NICs' TAP, MAC and address.
 
 cocoon draws VM IDs and MACs at random, and the network backend assigns addresses, when a
-VM is created. A plan must show exact paths and devices, so for a new VM cocoonplan derives
-them from the node and VM name (keeping cocoon's shapes: 26 base32 characters, a locally
-administered unicast MAC); for a VM that already runs, they are the node's.
+VM is created. A plan must show exact paths and devices, so for a new VM (and for the new VM
+of a replace) cocoonplan derives them from the node and VM name, keeping cocoon's shapes (26
+base32 characters, a locally administered unicast MAC), and the plan marks every value that
+depends on them as provisional; for a VM that stays, they are the node's.
 """
 
 from __future__ import annotations
@@ -31,9 +32,14 @@ class Identity(Model):
     nics: tuple[NicIdentity, ...]
 
 
-def planned_vm_id(node: str, name: str) -> str:
-    """A cocoon-shaped VM ID (26 base32 characters), stable for a VM name on a node."""
-    digest = hashlib.sha256(f"cocoonplan/vm/{node}/{name}".encode()).digest()
+def planned_vm_id(node: str, name: str, draw: int = 0) -> str:
+    """A cocoon-shaped VM ID (26 base32 characters), stable for a VM name on a node.
+
+    ``draw`` gives another, equally plausible ID: two draws tell which planned values depend
+    on the ID cocoon will really choose.
+    """
+    salt = f"/{draw}" if draw else ""
+    digest = hashlib.sha256(f"cocoonplan/vm/{node}/{name}{salt}".encode()).digest()
     return base64.b32encode(digest).decode()[:26]
 
 
@@ -54,14 +60,17 @@ def planned_nic(vm_id: str, index: int) -> NicIdentity:
     return NicIdentity(tap=tap_name(vm_id, index), mac=planned_mac(vm_id, index))
 
 
-def identity_for(node: str, name: str, nic_count: int, running: ObservedVM | None) -> Identity:
-    """The running VM's identity when there is one, else a derived one.
+def fresh_identity(node: str, name: str, nic_count: int, draw: int = 0) -> Identity:
+    """The identity a VM created now would get, as cocoonplan expects it: every value provisional."""
+    vm_id = planned_vm_id(node, name, draw)
+    return Identity(vm_id=vm_id, nics=tuple(planned_nic(vm_id, i) for i in range(nic_count)))
 
-    NICs the running VM has keep their TAP, MAC and address; NICs beyond them are derived.
+
+def kept_identity(running: ObservedVM, nic_count: int) -> Identity:
+    """The identity of a VM that stays: its ID and NICs (TAP, MAC, address) as the node has them.
+
+    NICs beyond the ones it has are derived (they would only exist after a replace).
     """
-    if running is None:
-        vm_id = planned_vm_id(node, name)
-        return Identity(vm_id=vm_id, nics=tuple(planned_nic(vm_id, i) for i in range(nic_count)))
     kept = [NicIdentity(tap=n.tap, mac=n.mac, address=n.network) for n in running.nics[:nic_count]]
     kept += [planned_nic(running.id, i) for i in range(len(kept), nic_count)]
     return Identity(vm_id=running.id, nics=tuple(kept))

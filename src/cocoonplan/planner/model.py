@@ -13,8 +13,10 @@ from pydantic import AliasChoices, Field
 
 from cocoonplan.cocoon import DiskRole
 from cocoonplan.errors import CocoonplanError
-from cocoonplan.model import Digest, Model, canonical_json, sha256_digest
+from cocoonplan.model import Digest, Mode, Model, canonical_json, sha256_digest
+from cocoonplan.observed import NicAddress
 from cocoonplan.resolved import PinnedRef
+from cocoonplan.spec import PowerState
 
 FORMAT_VERSION = 1
 
@@ -27,6 +29,12 @@ class Action(StrEnum):
     UPDATE = "update"
     REPLACE = "replace"
     DELETE = "delete"
+    START = "start"
+    """``cocoon vm start``: the VM exists as planned but is not running."""
+    STOP = "stop"
+    """``cocoon vm stop``: the VM exists as planned but its spec says stopped."""
+    UNKNOWN = "unknown"
+    """The node's state is not known: nothing can be decided, and apply refuses the plan."""
 
 
 SYMBOLS: dict[Action, str] = {
@@ -35,15 +43,21 @@ SYMBOLS: dict[Action, str] = {
     Action.UPDATE: "~",
     Action.REPLACE: "-/+",
     Action.DELETE: "-",
+    Action.START: ">",
+    Action.STOP: "||",
+    Action.UNKNOWN: "?",
 }
 """The one table of Terraform-style symbols per action."""
 
 
-class Mode(StrEnum):
-    """How the VM comes to be: cloned from a hot snapshot, or booted fresh from an image."""
+class ConfigOrigin(StrEnum):
+    """Where a planned ``config`` comes from; values are the wire strings."""
 
-    CLONE = "clone"
-    RUN = "run"
+    WRITTEN = "written"
+    """cocoon writes this ``config.json`` into the run directory (clones): it is the artifact."""
+    DERIVED = "derived"
+    """cocoon writes no ``config.json`` (fresh runs start from arguments): this is the VmConfig
+    the launch arguments give Cloud Hypervisor, derived for review. The launch is the artifact."""
 
 
 class BlobKind(StrEnum):
@@ -83,6 +97,55 @@ class PlannedDisk(Model):
     """The layer blob (layers) or snapshot file (cloned cow/data disks) it is made from; None when created empty."""
 
 
+class PlannedNic(Model):
+    """A NIC as the VM has it once running (for a clone: after the restore swapped its NICs)."""
+
+    index: int
+    tap: str
+    mac: str
+    num_queues: int
+    queue_size: int
+    address: NicAddress | None = None
+    """The static address the network backend assigned; None when there is none or it is not known yet."""
+
+
+class ApiRequest(Model):
+    """One Cloud Hypervisor REST call cocoon makes on the VM's API socket."""
+
+    endpoint: str
+    """``vm.restore``, ``vm.remove-device``, ``vm.add-net``, ``vm.resume`` (``PUT /api/v1/<endpoint>``)."""
+    body: dict[str, Any] | None = None
+
+
+class PlannedBootFile(Model):
+    """A kernel or initrd a VM boots from, extracted from a layer into ``<root>/oci/boot/<hex>/``."""
+
+    path: str
+    layer: Digest
+    present: bool | None
+    """On the node already; None when the node's state is not known."""
+
+
+class PlannedImageRecord(Model):
+    """The ``images.json`` entry a fresh run needs (``cocoon vm run`` looks images up there)."""
+
+    key: str
+    """The entry's key: an existing one, else the digest reference cocoon's own pulls use."""
+    manifest_digest: Digest
+    layers: tuple[Digest, ...]
+    kernel_layer: Digest
+    initrd_layer: Digest
+    present: bool | None
+    """An entry of this manifest digest is on the node already; None when not known."""
+
+
+class LocalSnapshot(Model):
+    """A snapshot already in the node's snapshot store that the clone's settings come from."""
+
+    id: str
+    name: str
+
+
 class DesiredVM(Model):
     """What a spec compiles to: the VM as it must run, before it is compared with the node."""
 
@@ -92,7 +155,9 @@ class DesiredVM(Model):
     spec_file: str | None
     """Where the spec was written (relative to the project); None for a VM no spec defines."""
     vm_id: str
-    """The cocoon VM ID: the running VM's, or one cocoonplan derives for a new VM."""
+    """The cocoon VM ID: the node's for a VM that stays, else a provisional one (see ``provisional``)."""
+    state: PowerState
+    """The power state the VM is to be left in."""
     source: PinnedRef | None
     """The snapshot (clone) or image (run) the VM comes from; None only for a VM on a node
     whose record names none."""
@@ -103,15 +168,31 @@ class DesiredVM(Model):
     storage: int
     nics: int
     network: str
-    """cocoon network (CNI conflist) name; empty for cocoon's default."""
+    """cocoon network (CNI conflist) name; empty when the spec leaves it to a node default that is not known here."""
+    interfaces: tuple[PlannedNic, ...]
     blobs: tuple[PlannedBlob, ...]
     disks: tuple[PlannedDisk, ...]
+    boot_files: tuple[PlannedBootFile, ...] = ()
+    image_record: PlannedImageRecord | None = None
+    """Run mode: the images.json entry ``cocoon vm run`` finds the image by."""
+    local_snapshot: LocalSnapshot | None = None
+    """Clone mode: the node's snapshot record whose queue sizes and direct I/O the clone inherits."""
     config: dict[str, Any]
-    """The complete Cloud Hypervisor ``config.json`` (clone: as cocoon patches it; run: the equivalent VmConfig)."""
+    """The complete Cloud Hypervisor VmConfig; ``config_origin`` says whether cocoon writes it."""
+    config_origin: ConfigOrigin
     cmdline: str
-    """The guest kernel command line cocoon records (``cocoon.layers`` top layer first)."""
-    launch: str
-    """The ``cloud-hypervisor`` command line cocoon writes to the VM's ``cmdline`` file."""
+    """The guest kernel command line cocoon records (``cocoon.layers`` top layer first). For a
+    clone, the one recorded for its next cold boot: the resumed guest keeps its source's."""
+    launch: tuple[str, ...]
+    """The ``cloud-hypervisor`` argument list cocoon starts the VM with (its ``cmdline`` file
+    holds it space-joined)."""
+    restore: tuple[ApiRequest, ...] = ()
+    """Clone mode: the REST calls after the launch that turn the snapshot into this VM."""
+    provisional: tuple[str, ...] = ()
+    """Paths of values cocoon or CNI choose at create time (ID, MACs, TAPs, addresses, run-dir
+    paths and everything derived from them): shown as cocoonplan expects them, bound after apply."""
+    notes: tuple[str, ...] = ()
+    """What a reviewer must know about this VM's plan. For display only."""
 
 
 class Change(Model):
@@ -150,6 +231,8 @@ class VMPlan(DesiredVM):
     """The fields that force a replace (cocoon cannot change them on a running VM)."""
     changes: tuple[Change, ...] = ()
     drift: tuple[Drift, ...] = ()
+    observed_state: str | None = None
+    """The state cocoon records for the VM on the node (``running``, ``stopped``, …); None when absent or unknown."""
     observed_fingerprint: Digest | None = None
     """sha256 of the VM's observed state this plan was made from; None for a VM not on the node."""
     fetch_bytes: int
@@ -190,6 +273,9 @@ class Summary(Model):
     update: int = 0
     replace: int = 0
     delete: int = 0
+    start: int = 0
+    stop: int = 0
+    unknown: int = 0
     no_op: int = Field(
         default=0, validation_alias=AliasChoices("no-op", "no_op"), serialization_alias="no-op"
     )

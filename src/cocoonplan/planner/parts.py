@@ -7,7 +7,9 @@ from collections.abc import Iterable, Sequence
 from cocoonplan.cocoon import StorageConfig
 from cocoonplan.errors import PlanError
 from cocoonplan.model import digest_hex
-from cocoonplan.planner.model import BlobKind, PlannedBlob, PlannedDisk
+from cocoonplan.planner.hypervisor import Tuning, net_queues
+from cocoonplan.planner.identity import NicIdentity
+from cocoonplan.planner.model import BlobKind, PlannedBlob, PlannedDisk, PlannedNic
 from cocoonplan.resolved import BlobRef
 
 
@@ -40,4 +42,19 @@ def planned_disks(disks: Sequence[StorageConfig], digests: Sequence[str | None])
     return tuple(
         PlannedDisk(index=i, serial=d.serial, role=d.role, path=d.path, readonly=d.ro, digest=digest)
         for i, (d, digest) in enumerate(zip(disks, digests, strict=True))
+    )
+
+
+def planned_nics(nics: Sequence[NicIdentity], tuning: Tuning) -> tuple[PlannedNic, ...]:
+    """The VM's NICs as Cloud Hypervisor will have them, queues sized as cocoon sizes them."""
+    return tuple(
+        PlannedNic(
+            index=i,
+            tap=nic.tap,
+            mac=nic.mac,
+            num_queues=net_queues(tuning.cpu),
+            queue_size=tuning.queue_size,
+            address=nic.address,
+        )
+        for i, nic in enumerate(nics)
     )

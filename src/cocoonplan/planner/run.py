@@ -13,11 +13,12 @@ from cocoonplan.cocoon import (
     vm_run_dir,
 )
 from cocoonplan.errors import PlanError
-from cocoonplan.model import digest_hex
+from cocoonplan.model import Mode, digest_hex
+from cocoonplan.observed import NodeState
 from cocoonplan.planner.hypervisor import Boot, Tuning, build_cmdline, launch_command, run_config
 from cocoonplan.planner.identity import Identity
-from cocoonplan.planner.model import DesiredVM, Mode
-from cocoonplan.planner.parts import check_host_cpus, layer_blobs, planned_disks
+from cocoonplan.planner.model import ConfigOrigin, DesiredVM, PlannedBootFile, PlannedImageRecord
+from cocoonplan.planner.parts import check_host_cpus, layer_blobs, planned_disks, planned_nics
 from cocoonplan.project import NodeConfig
 from cocoonplan.resolved import ResolvedImage
 from cocoonplan.spec import DataDisk, DirectIO, LoadedSpec
@@ -47,8 +48,38 @@ def _data_disk(disk: DataDisk, run_dir: str) -> StorageConfig:
     )
 
 
+def image_record(image: ResolvedImage, state: NodeState | None) -> PlannedImageRecord:
+    """The images.json entry ``cocoon vm run`` will look the image up by (§3.7: an exact key or
+    the manifest digest): the node's own entry for this digest, else the digest reference a
+    cocoon pull of it records."""
+    assert image.kernel_layer is not None and image.initrd_layer is not None
+    digest = image.pinned.digest
+    existing = next((i for i in state.images if i.manifest_digest == digest), None) if state else None
+    return PlannedImageRecord(
+        key=existing.ref if existing else f"{image.repository}@{digest}",
+        manifest_digest=digest,
+        layers=tuple(layer.digest for layer in image.layers),
+        kernel_layer=image.kernel_layer,
+        initrd_layer=image.initrd_layer,
+        present=None if state is None else existing is not None,
+    )
+
+
+def boot_file(root_dir: str, layer: str, file: str, state: NodeState | None) -> PlannedBootFile:
+    """A boot file extracted from ``layer``, and whether the node has it already."""
+    hex_ = digest_hex(layer)
+    present = None if state is None else f"{hex_}/{file}" in state.boot_files
+    return PlannedBootFile(path=boot_path(root_dir, hex_, file), layer=layer, present=present)
+
+
 def plan_run(
-    loaded: LoadedSpec, image: ResolvedImage, node: NodeConfig, identity: Identity, present: frozenset[str]
+    loaded: LoadedSpec,
+    image: ResolvedImage,
+    node: NodeConfig,
+    identity: Identity,
+    state: NodeState | None,
+    default_network: str | None,
+    present: frozenset[str],
 ) -> DesiredVM:
     """The VM a fresh run of ``image`` gives: its layers bottom first, then the COW and data disks."""
     spec = loaded.spec
@@ -77,13 +108,15 @@ def plan_run(
         host_cpus=node.cpus,
         queue_size=body.queue_size or DEFAULT_QUEUE_SIZE,
         disk_queue_size=body.disk_queue_size or DEFAULT_QUEUE_SIZE,
-        no_direct_io=body.no_direct_io,
+        no_direct_io=bool(body.no_direct_io),
         hugepages=node.hugepages,
     )
     check_host_cpus(spec.name, tuning.cpu, node.cpus)
+    kernel = boot_file(node.root_dir, image.kernel_layer, "vmlinuz", state)
+    initrd = boot_file(node.root_dir, image.initrd_layer, "initrd.img", state)
     boot = Boot(
-        kernel=boot_path(node.root_dir, digest_hex(image.kernel_layer), "vmlinuz"),
-        initrd=boot_path(node.root_dir, digest_hex(image.initrd_layer), "initrd.img"),
+        kernel=kernel.path,
+        initrd=initrd.path,
         cmdline=build_cmdline(len(image.layers), spec.name, identity.nics, node.dns),
     )
     layer_digests: list[str | None] = [layer.digest for layer in image.layers]
@@ -93,16 +126,21 @@ def plan_run(
         mode=Mode.RUN,
         spec_file=loaded.file,
         vm_id=identity.vm_id,
+        state=body.state,
         source=image.pinned,
         base_image=None,
         cpu=tuning.cpu,
         memory=tuning.memory,
         storage=body.storage or DEFAULT_STORAGE,
         nics=len(identity.nics),
-        network=body.network or "",
+        network=body.network or default_network or "",
+        interfaces=planned_nics(identity.nics, tuning),
         blobs=tuple(layer_blobs(image.layers, present)),
         disks=planned_disks(disks, layer_digests + [None] * (len(disks) - len(layer_digests))),
+        boot_files=(kernel, initrd),
+        image_record=image_record(image, state),
         config=run_config(disks=disks, nics=identity.nics, boot=boot, tuning=tuning),
+        config_origin=ConfigOrigin.DERIVED,
         cmdline=boot.cmdline,
         launch=launch_command(
             api_socket=f"{run_dir}/api.sock", disks=disks, nics=identity.nics, boot=boot, tuning=tuning

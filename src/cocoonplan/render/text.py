@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import jinja2
@@ -13,12 +14,24 @@ from cocoonplan.units import format_size
 
 MARKDOWN_LIMIT = 60_000
 """GitHub refuses comments over 65,536 characters; stay well below."""
-_ORDER = {Action.DELETE: 0, Action.REPLACE: 1, Action.UPDATE: 2, Action.CREATE: 3, Action.NO_OP: 4}
+_ORDER = {
+    Action.DELETE: 0,
+    Action.REPLACE: 1,
+    Action.UNKNOWN: 2,
+    Action.UPDATE: 3,
+    Action.STOP: 4,
+    Action.START: 5,
+    Action.CREATE: 6,
+    Action.NO_OP: 7,
+}
 _VERBS = {
     Action.CREATE: "will be created",
     Action.REPLACE: "must be replaced",
     Action.UPDATE: "will be updated in place",
     Action.DELETE: "will be deleted",
+    Action.START: "will be started",
+    Action.STOP: "will be stopped",
+    Action.UNKNOWN: "is undecided: nothing will be done to it",
     Action.NO_OP: "is up to date",
 }
 
@@ -37,6 +50,7 @@ def _environment() -> jinja2.Environment:
     env.filters["symbol"] = lambda a: SYMBOLS[Action(a)]
     env.filters["verb"] = lambda a: _VERBS[Action(a)]
     env.filters["change_lines"] = change_lines
+    env.filters["compact"] = lambda v: json.dumps(v, ensure_ascii=False, separators=(", ", ": "))
     return env
 
 

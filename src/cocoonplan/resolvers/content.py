@@ -5,15 +5,38 @@ from __future__ import annotations
 import json
 from typing import Any, Protocol
 
-from cocoonplan.errors import ResolveError
+from cocoonplan.errors import NotFoundError, ResolveError
 from cocoonplan.oci.manifest import INDEX_MEDIA_TYPES, Descriptor, Manifest, parse_index, parse_manifest
 from cocoonplan.oci.reference import Reference
-from cocoonplan.oci.store import ContentStore
+from cocoonplan.oci.store import ContentStore, RawManifest
+from cocoonplan.project import Arch
 
-PLATFORM = ("linux", "amd64")
-"""The platform picked from an index: cocoon pulls ``linux/<host GOARCH>``; nodes are amd64."""
+OS = "linux"
+"""The OS of every platform picked from an index: cocoon pulls ``linux/<host GOARCH>``."""
 MAX_JSON_BLOB = 16 << 20
 """Largest JSON file (cocoon.json, config.json, config blob) read into memory."""
+
+
+def _platform_child(ref: Reference, raw: RawManifest, arch: Arch) -> Descriptor:
+    # The first match in index order, as cocoon's puller (go-containerregistry) takes it; the
+    # child is fixed by the index's bytes, so a pinned index digest pins every node's manifest.
+    labelled = ref.with_digest(raw.digest)
+    index = parse_index(raw.content, f"index {labelled}")
+    child = next(
+        (m for m in index.manifests if m.platform and (m.platform.os, m.platform.architecture) == (OS, arch)),
+        None,
+    )
+    if child is None:
+        platforms = (m.platform for m in index.manifests if m.platform)
+        offered = ", ".join(
+            dict.fromkeys("/".join(filter(None, (p.os, p.architecture, p.variant))) for p in platforms)
+        )
+        raise NotFoundError(
+            f"index {labelled} has no {OS}/{arch} manifest; it offers {offered or 'no platforms'}",
+            hint=f"push a {OS}/{arch} build under this reference, or plan the VM on a node whose "
+            "`arch` (cocoonplan.yaml) the index offers",
+        )
+    return child
 
 
 class StoreLookup(Protocol):
@@ -30,32 +53,21 @@ class Content:
     def __init__(self, sources: StoreLookup) -> None:
         self._sources = sources
 
-    def manifest(self, ref: Reference, selector: str | None = None) -> Manifest:
-        """Fetch the manifest ``selector`` (default: the reference's digest or tag), following an index.
+    def digest(self, ref: Reference) -> str:
+        """The digest ``ref`` names at its source, not following an index: what a tag is pinned to."""
+        return self._sources.store_for(ref.registry).get_manifest(ref.repository, ref.selector).digest
+
+    def manifest(self, ref: Reference, arch: Arch, selector: str | None = None) -> Manifest:
+        """Fetch the manifest ``selector`` (default: the reference's digest or tag), following an
+        index to its ``linux/<arch>`` child.
 
         The returned manifest's digest is the platform manifest's, as cocoon records it.
         """
         store = self._sources.store_for(ref.registry)
         raw = store.get_manifest(ref.repository, selector or ref.selector)
-        what = f"manifest {ref.name}@{raw.digest}"
         if raw.media_type in INDEX_MEDIA_TYPES:
-            index = parse_index(raw.content, what)
-            child = next(
-                (
-                    m
-                    for m in index.manifests
-                    if m.platform and (m.platform.os, m.platform.architecture) == PLATFORM
-                ),
-                None,
-            )
-            if child is None:
-                raise ResolveError(
-                    f"index {ref.name}@{raw.digest} has no {'/'.join(PLATFORM)} manifest",
-                    hint="cocoon nodes run linux/amd64; push an image for that platform",
-                )
-            raw = store.get_manifest(ref.repository, child.digest)
-            what = f"manifest {ref.name}@{raw.digest}"
-        return parse_manifest(raw.content, what, raw.media_type)
+            raw = store.get_manifest(ref.repository, _platform_child(ref, raw, arch).digest)
+        return parse_manifest(raw.content, f"manifest {ref.name}@{raw.digest}", raw.media_type)
 
     def blob(self, ref: Reference, descriptor: Descriptor) -> bytes:
         """Fetch a small blob (at most 16 MiB), verified against its descriptor."""

@@ -13,6 +13,7 @@ from cocoonplan.errors import ResolveError
 from cocoonplan.model import digest_hex
 from cocoonplan.oci.manifest import IMAGE_CONFIG_TYPES, Descriptor, Manifest
 from cocoonplan.oci.reference import Reference
+from cocoonplan.project import Arch
 from cocoonplan.resolved import BlobRef, PinnedRef, ResolvedImage
 from cocoonplan.resolvers.content import Content
 
@@ -93,12 +94,17 @@ def blob_refs(ref: Reference, manifest: Manifest) -> tuple[BlobRef, ...]:
     )
 
 
-def resolve_image(content: Content, ref: Reference, label: str, scanner: BootScanner | None) -> ResolvedImage:
-    """Resolve the image ``ref`` (pinned by digest) and, with a scanner, locate its boot layers.
+def resolve_image(
+    content: Content, ref: Reference, label: str, arch: Arch, scanner: BootScanner | None
+) -> ResolvedImage:
+    """Resolve the image ``ref`` (pinned by digest) for a node of ``arch`` and, with a scanner,
+    locate its boot layers.
 
-    As cocoon does, the last layer in manifest order holding a kernel (initrd) wins.
+    As cocoon does, the last layer in manifest order holding a kernel (initrd) wins. Only the
+    layers of the ``arch`` manifest are scanned; a layer's answer is kept by its digest alone,
+    because the boot-file rules do not depend on the architecture.
     """
-    manifest = content.manifest(ref)
+    manifest = content.manifest(ref, arch)
     # Refuse anything but an image before downloading layers: a snapshot artifact's "layers"
     # are disk and memory files of many GiB.
     if manifest.config.media_type not in IMAGE_CONFIG_TYPES or manifest.artifact_type:

@@ -50,6 +50,8 @@ STATE_KIND = "cocoonplan/node-state"
 IMAGES_DB = "oci/db/images.json"
 SNAPSHOTS_DB = "snapshot/db/snapshots.json"
 BLOBS_DIR = "oci/blobs"
+BOOT_DIR = "oci/boot"
+BOOT_FILES = ("vmlinuz", "initrd.img")
 OWNERSHIP_FORMAT_VERSION = 1
 BACKENDS = (("cloudhypervisor", "cloud-hypervisor"), ("firecracker", "firecracker"))
 """(directory under root and run dir, ``hypervisor`` value) of each VM database cocoon keeps."""
@@ -143,13 +145,13 @@ def _json_type(value: Any) -> str:
     return names.get(type(value), "a number")
 
 
-def _hex_set(value: Any, where: str) -> tuple[str, ...]:
-    """cocoon's blob-ID set: a JSON object used as a set, or (other writers) an array."""
+def _id_set(value: Any, where: str, field: str = "image_blob_ids") -> tuple[str, ...]:
+    """One of cocoon's ID sets: a JSON object used as a set, or (other writers) an array."""
     if value is None:
         return ()
     members = list(value) if isinstance(value, dict | list) else None
     if members is None or not all(isinstance(m, str) for m in members):
-        _fail(where, "image_blob_ids is not an object or array of strings", _REPAIR)
+        _fail(where, f"{field} is not an object or array of strings", _REPAIR)
     return tuple(sorted(set(members)))
 
 
@@ -244,7 +246,8 @@ def _record_vm(root: _Root, db: str, hypervisor: str, backend: str, vm_id: str, 
         "storage_configs": record.get("storage_configs") or (),
         "boot_config": record.get("boot_config"),
         "nics": [_nic(n, db) for n in networks],
-        "image_blob_ids": _hex_set(record.get("image_blob_ids"), f"{db}: {label}"),
+        "image_blob_ids": _id_set(record.get("image_blob_ids"), f"{db}: {label}"),
+        "snapshot_ids": _id_set(record.get("snapshot_ids"), f"{db}: {label}", "snapshot_ids"),
         "run_dir": run_dir,
     }
     try:
@@ -409,7 +412,7 @@ def _read_snapshots(root: _Root) -> list[ObservedSnapshot]:
         if record.get("id") != key:
             _fail(SNAPSHOTS_DB, f"snapshot record ID key {key} holds id {record.get('id')}", _REPAIR)
         fields = {k: v for k, v in record.items() if k in ObservedSnapshot.model_fields}
-        fields["image_blob_ids"] = _hex_set(record.get("image_blob_ids"), f"{SNAPSHOTS_DB}: snapshot {key}")
+        fields["image_blob_ids"] = _id_set(record.get("image_blob_ids"), f"{SNAPSHOTS_DB}: snapshot {key}")
         snapshots[key] = root.validate(ObservedSnapshot, fields, SNAPSHOTS_DB, f"snapshot {key}")
     for name, snap_id in names.items():
         if not isinstance(snap_id, str) or snap_id not in snapshots:
@@ -428,21 +431,42 @@ def _read_snapshots(root: _Root) -> list[ObservedSnapshot]:
     return sorted(snapshots.values(), key=lambda snap: snap.id)
 
 
+def _entries(root: _Root, rel: str) -> list[Path]:
+    """The entries of a directory of the root; none when it is absent."""
+    directory = root.local / rel
+    if not directory.exists():
+        return []
+    if not directory.is_dir():
+        _fail(rel, "is not a directory", _RECOPY)
+    return list(directory.iterdir())
+
+
 def _read_blobs(root: _Root) -> list[str]:
     """Hexes of the converted layers; other names (a pull's temp files) are not blobs."""
-    blobs = root.local / BLOBS_DIR
-    if not blobs.exists():
-        return []
-    if not blobs.is_dir():
-        _fail(BLOBS_DIR, "is not a directory", _RECOPY)
     found = []
-    for entry in blobs.iterdir():
+    for entry in _entries(root, BLOBS_DIR):
         match = _BLOB_NAME.fullmatch(entry.name)
         if match is None:
             continue
         if not entry.is_file():
             _fail(f"{BLOBS_DIR}/{entry.name}", "is not a regular file", _RECOPY)
         found.append(match.group(1))
+    return sorted(found)
+
+
+def _read_boot_files(root: _Root) -> list[str]:
+    """``<hex>/vmlinuz`` and ``<hex>/initrd.img`` extracted under ``oci/boot``, as cocoon's
+    ``VerifyBaseFiles`` would find them; other names are not boot files."""
+    found = []
+    for layer in _entries(root, BOOT_DIR):
+        if not re.fullmatch(r"[0-9a-f]{64}", layer.name) or not layer.is_dir():
+            continue
+        for name in BOOT_FILES:
+            entry = layer / name
+            if entry.exists() or entry.is_symlink():
+                if not entry.is_file() or entry.is_symlink():
+                    _fail(f"{BOOT_DIR}/{layer.name}/{name}", "is not a regular file", _RECOPY)
+                found.append(f"{layer.name}/{name}")
     return sorted(found)
 
 
@@ -487,6 +511,7 @@ def read_node_root(local: Path, root_dir: str = DEFAULT_ROOT_DIR, run_dir: str |
         images=tuple(_read_images(root)),
         snapshots=tuple(_read_snapshots(root)),
         blobs=tuple(_read_blobs(root)),
+        boot_files=tuple(_read_boot_files(root)),
     )
 
 
@@ -522,6 +547,7 @@ def load_state_document(path: Path) -> NodeState:
             "images": tuple(sorted(state.images, key=lambda image: image.ref)),
             "snapshots": tuple(sorted(state.snapshots, key=lambda snap: snap.id)),
             "blobs": tuple(sorted(state.blobs)),
+            "boot_files": tuple(sorted(state.boot_files)),
         }
     )
 

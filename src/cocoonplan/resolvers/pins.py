@@ -4,6 +4,10 @@ A reference written with a digest needs no lookup. A tag takes its digest from t
 the tag is still looked up so that a tag that moved since it was locked shows as a lock
 change (old → new) instead of being taken silently. ``locked`` mode (for CI) refuses a
 missing entry or a moved tag; ``update`` mode takes the current digest of every tag.
+
+A multi-platform tag is pinned to its index's own digest, as it resolves; each node's
+platform manifest follows from those index bytes (:meth:`Pinner.pin_platform`), so one lock
+entry serves nodes of every architecture.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from cocoonplan.errors import LockError
 from cocoonplan.lock import LockFile
 from cocoonplan.oci.reference import parse_reference
 from cocoonplan.planner.model import LockChange
+from cocoonplan.project import Arch
 from cocoonplan.resolved import PinnedRef
 from cocoonplan.resolvers.content import Content
 
@@ -42,9 +47,16 @@ class Pinner:
         self._pins[original] = pinned
         return pinned
 
+    def pin_platform(self, original: str, arch: Arch) -> PinnedRef:
+        """The platform manifest ``original`` stands for on a node of ``arch``: the pinned
+        manifest, or the ``linux/<arch>`` child of the pinned index."""
+        pinned = self.pin(original)
+        ref = parse_reference(original).with_digest(pinned.digest)
+        return pinned.model_copy(update={"digest": self.content.manifest(ref, arch).digest})
+
     def _pin_tag(self, original: str) -> PinnedRef:
         entry = self.lock.find(original)
-        current = self.content.manifest(parse_reference(original)).digest
+        current = self.content.digest(parse_reference(original))
         if entry is None:
             if self.locked:
                 raise LockError(

@@ -10,6 +10,7 @@ from cocoonplan.cocoon import SnapshotConfig, SnapshotMeta
 from cocoonplan.errors import ReferenceFormatError, ResolveError
 from cocoonplan.oci.manifest import BASE_IMAGE_ANNOTATION, Descriptor, MediaType
 from cocoonplan.oci.reference import Reference, parse_reference
+from cocoonplan.project import Arch
 from cocoonplan.resolved import BlobRef, PinnedRef, ResolvedImage, ResolvedSnapshot
 from cocoonplan.resolvers.content import Content
 from cocoonplan.resolvers.image import blob_refs
@@ -27,11 +28,13 @@ def _base_repository(config: SnapshotConfig, annotations: dict[str, str], what: 
         raise ResolveError(f"{what} records base image {label!r}, which is not an OCI reference") from exc
 
 
-def _resolve_base(content: Content, ref: Reference | None, label: str | None) -> ResolvedImage | None:
+def _resolve_base(
+    content: Content, ref: Reference | None, label: str | None, arch: Arch
+) -> ResolvedImage | None:
     # Fetched by the recorded digest, never by the tag: a tag may since name other layers.
     if ref is None:
         return None
-    manifest = content.manifest(ref, ref.digest)
+    manifest = content.manifest(ref, arch, ref.digest)
     return ResolvedImage(
         pinned=PinnedRef(ref=label or ref.name, digest=manifest.digest),
         repository=ref.name,
@@ -65,9 +68,10 @@ def _files_by_title(layers: tuple[Descriptor, ...], what: str) -> dict[str, Desc
     return by_title
 
 
-def resolve_snapshot(content: Content, ref: Reference, label: str) -> ResolvedSnapshot:
-    """Resolve the snapshot ``ref`` (pinned by digest) and the files a plan is made from."""
-    manifest = content.manifest(ref)
+def resolve_snapshot(content: Content, ref: Reference, label: str, arch: Arch) -> ResolvedSnapshot:
+    """Resolve the snapshot ``ref`` (pinned by digest) for a node of ``arch`` and the files a
+    plan is made from; an index resolves to its ``linux/<arch>`` artifact."""
+    manifest = content.manifest(ref, arch)
     what = f"snapshot {label}@{manifest.digest}"
     kind = manifest.artifact_type or manifest.config.media_type
     if kind == MediaType.SNAPSHOT_ARTIFACT_V2:
@@ -112,5 +116,5 @@ def resolve_snapshot(content: Content, ref: Reference, label: str) -> ResolvedSn
         ),
         meta=meta,
         ch_config=ch_config,
-        base_image=_resolve_base(content, base_ref, config.image),
+        base_image=_resolve_base(content, base_ref, config.image, arch),
     )

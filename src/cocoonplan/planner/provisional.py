@@ -1,0 +1,61 @@
+"""What a plan cannot know before cocoon creates the VM: the values it draws at create time.
+
+cocoon draws a VM's ID at random, CNI picks its MACs and leases its addresses, and the TAPs,
+the run directory, the API socket, the launch arguments and parts of ``config.json`` follow
+from those. A plan shows them as cocoonplan expects them, so that paths are concrete, and
+marks them provisional. Which values those are is found, not listed: a value is provisional
+exactly when it changes with the identity cocoon draws, so the VM is compiled under two
+different identities and every path where the two disagree is provisional.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from cocoonplan.planner.model import DesiredVM
+
+ADDRESS_NOTE = (
+    "CNI leases each NIC's address at create time: cocoon then adds "
+    "ip=<address>::<gateway>:<netmask>:<name>:eth<N>:off[:<dns>] to the cmdline (bridge NICs get none)"
+)
+_DISPLAY_ONLY = frozenset({"provisional", "notes"})
+
+
+def _differing(first: Any, second: Any, path: str) -> Iterator[str]:
+    if isinstance(first, dict) and isinstance(second, dict):
+        for key in first.keys() | second.keys():
+            yield from _differing(first.get(key), second.get(key), f"{path}.{key}" if path else str(key))
+    elif isinstance(first, list) and isinstance(second, list) and len(first) == len(second):
+        for index, (one, other) in enumerate(zip(first, second, strict=True)):
+            yield from _differing(one, other, f"{path}[{index}]")
+    elif first != second:
+        yield path
+
+
+def _order(path: str) -> tuple[tuple[int, int | str], ...]:
+    # launch[2] before launch[10].
+    parts = path.replace("[", ".[").split(".")
+    return tuple((0, int(p[1:-1])) if p.startswith("[") else (1, p) for p in parts)
+
+
+def provisional_paths(one: DesiredVM, other: DesiredVM) -> tuple[str, ...]:
+    """Paths (``vm_id``, ``disks[6].path``, ``config.net[0].mac``, ``launch[3]``, …) whose values
+    differ between two compilations of one VM under two identities, sorted (indices as numbers).
+
+    A VM with NICs also gets its addresses and its kernel cmdline: CNI leases them at create
+    time and cocoon writes them into the cmdline, which no second identity reveals.
+    """
+    first, second = (vm.model_dump(mode="json", exclude=set(_DISPLAY_ONLY)) for vm in (one, other))
+    paths = set(_differing(first, second, ""))
+    for nic in one.interfaces:
+        paths.add(f"interfaces[{nic.index}].address")
+    if one.interfaces:
+        paths.add("cmdline")
+    return tuple(sorted(paths, key=_order))
+
+
+def mark_provisional(one: DesiredVM, other: DesiredVM) -> DesiredVM:
+    """``one`` with its provisional paths and, when it has NICs, the note on their addresses."""
+    notes = one.notes + ((ADDRESS_NOTE,) if one.interfaces else ())
+    return one.model_copy(update={"provisional": provisional_paths(one, other), "notes": notes})
