@@ -84,16 +84,21 @@ def test_a_stopped_vm_whose_spec_says_running_is_started(
     assert run == snapshot_json
 
 
-def test_a_stopped_vm_whose_spec_says_stopped_is_a_no_op(tmp_path: Path) -> None:
+def test_a_stopped_vm_whose_spec_says_stopped_is_a_no_op(
+    tmp_path: Path, snapshot_json: SnapshotAssertion
+) -> None:
     project = _project(tmp_path, _vms(agent_run={"state": "stopped"}))
     _set_spec(project, "agent-run.yaml", "state: stopped")
     code, document = plan_json(project, "--detailed-exitcode")
     assert code == 0
     run = vm_entry(document, "agent-run")
     assert (run["action"], run["state"], run["drift"]) == ("no-op", "stopped", [])
+    assert run == snapshot_json
 
 
-def test_a_running_vm_whose_spec_says_stopped_is_stopped(tmp_path: Path) -> None:
+def test_a_running_vm_whose_spec_says_stopped_is_stopped(
+    tmp_path: Path, snapshot_json: SnapshotAssertion
+) -> None:
     project = _project(tmp_path, _vms())
     _set_spec(project, "agent-run.yaml", "state: stopped")
     code, document = plan_json(project, "--detailed-exitcode")
@@ -101,14 +106,18 @@ def test_a_running_vm_whose_spec_says_stopped_is_stopped(tmp_path: Path) -> None
     run = vm_entry(document, "agent-run")
     assert (run["action"], run["observed_state"], run["changes"]) == ("stop", "running", [])
     assert '||  vm "agent-run" on node-a (run) will be stopped' in run_cli(["plan", "."], project).stdout
+    assert run == snapshot_json
 
 
-def test_a_vm_in_cocoons_error_state_is_unknown_not_replaced(tmp_path: Path) -> None:
+def test_a_vm_in_cocoons_error_state_is_unknown_not_replaced(
+    tmp_path: Path, snapshot_json: SnapshotAssertion
+) -> None:
     project = _project(tmp_path, _vms(agent_run={"state": "error"}))
     _, document = plan_json(project)
     run = vm_entry(document, "agent-run")
     assert run["action"] == "unknown"
     assert "'error'" in run["reason"] and "cocoon vm inspect" in run["reason"]
+    assert run == snapshot_json
 
 
 def test_agent_run_stopped_by_hand_in_the_examples_is_a_start(tmp_path: Path) -> None:
@@ -127,7 +136,9 @@ def test_agent_run_stopped_by_hand_in_the_examples_is_a_start(tmp_path: Path) ->
 # --------------------------------------------------------------------------- runtime files
 
 
-def test_a_clone_restarted_with_stop_and_start_is_a_no_op(tmp_path: Path) -> None:
+def test_a_clone_restarted_with_stop_and_start_is_a_no_op(
+    tmp_path: Path, snapshot_json: SnapshotAssertion
+) -> None:
     project = _project(tmp_path, _vms(agent_clone={"started_by": "start"}))
     launch = (project / f"node/run/cloudhypervisor/{build.AGENT_CLONE_ID}/cmdline").read_text()
     assert launch.startswith("cloud-hypervisor --api-socket") and " --kernel " in launch
@@ -135,9 +146,12 @@ def test_a_clone_restarted_with_stop_and_start_is_a_no_op(tmp_path: Path) -> Non
     assert code == 0
     clone = vm_entry(document, "agent-clone")
     assert (clone["action"], clone["drift"], clone["changes"]) == ("no-op", [], [])
+    assert clone == snapshot_json
 
 
-def test_a_stopped_clone_is_started_by_a_cold_boot_from_its_record(tmp_path: Path) -> None:
+def test_a_stopped_clone_is_started_by_a_cold_boot_from_its_record(
+    tmp_path: Path, snapshot_json: SnapshotAssertion
+) -> None:
     project = _project(tmp_path, _vms(agent_clone={"state": "stopped"}))
     _, document = plan_json(project)
     clone = vm_entry(document, "agent-clone")
@@ -146,9 +160,12 @@ def test_a_stopped_clone_is_started_by_a_cold_boot_from_its_record(tmp_path: Pat
     assert clone["restore"] == []
     assert clone["launch"][clone["launch"].index("--cmdline") + 1] == clone["cmdline"]
     assert "cold-boots" in " ".join(clone["notes"])
+    assert clone == snapshot_json
 
 
-def test_a_restored_run_vm_is_a_no_op_and_stays_a_run(tmp_path: Path) -> None:
+def test_a_restored_run_vm_is_a_no_op_and_stays_a_run(
+    tmp_path: Path, snapshot_json: SnapshotAssertion
+) -> None:
     project = _project(tmp_path, _vms(agent_run={"started_by": "restore"}))
     run_dir = project / f"node/run/cloudhypervisor/{build.AGENT_RUN_ID}"
     assert (run_dir / "cocoon.json").is_file() and (run_dir / "config.json").is_file()
@@ -159,6 +176,7 @@ def test_a_restored_run_vm_is_a_no_op_and_stays_a_run(tmp_path: Path) -> None:
     # Refresh-only classifies it from the node alone: a run that was restored, not a clone.
     refreshed = vm_entry(plan_json(project, "--refresh-only")[1], "agent-run")
     assert (refreshed["mode"], refreshed["drift"]) == ("run", [])
+    assert run == snapshot_json
 
 
 def test_a_launch_line_cocoon_would_not_write_is_drift(tmp_path: Path) -> None:
@@ -242,7 +260,9 @@ def test_assume_empty_node_refuses_a_node_whose_state_is_known(tmp_path: Path) -
 # --------------------------------------------------------------------------- identity
 
 
-def test_a_create_lists_every_value_cocoon_draws_as_provisional(tmp_path: Path) -> None:
+def test_a_create_lists_every_value_cocoon_draws_as_provisional(
+    tmp_path: Path, snapshot_json: SnapshotAssertion
+) -> None:
     project = _project(tmp_path, [vm for vm in _vms() if vm.name != "agent-run"])
     _, document = plan_json(project)
     run = vm_entry(document, "agent-run")
@@ -256,6 +276,7 @@ def test_a_create_lists_every_value_cocoon_draws_as_provisional(tmp_path: Path) 
     assert not any(p.startswith("disks[0]") for p in provisional)
     assert any("ip=" in note for note in run["notes"])
     assert "vm id:      " + run["vm_id"] + " *" in run_cli(["plan", "."], project).stdout
+    assert run == snapshot_json
 
 
 def test_a_replace_plans_a_new_provisional_identity(tmp_path: Path, snapshot_json: SnapshotAssertion) -> None:
@@ -277,7 +298,9 @@ def test_a_replace_plans_a_new_provisional_identity(tmp_path: Path, snapshot_jso
 # --------------------------------------------------------------------------- clones as cocoon runs them
 
 
-def test_a_clones_restore_sequence_validates_against_the_ch_schema(tmp_path: Path) -> None:
+def test_a_clones_restore_sequence_validates_against_the_ch_schema(
+    tmp_path: Path, snapshot_json: SnapshotAssertion
+) -> None:
     project = _project(tmp_path, [vm for vm in _vms() if vm.name != "agent-clone"])
     _, document = plan_json(project)
     clone = vm_entry(document, "agent-clone")
@@ -299,6 +322,7 @@ def test_a_clones_restore_sequence_validates_against_the_ch_schema(tmp_path: Pat
     assert (add["body"]["tap"], add["body"]["mac"]) == (nic["tap"], nic["mac"])
     assert nic["mac"] != clone["config"]["net"][0]["mac"], "config.json keeps the source's NIC until the swap"
     assert any("resumed guest keeps the source VM" in n for n in clone["notes"])
+    assert clone == snapshot_json
 
 
 def test_an_on_demand_restore_sends_cocoons_mode_and_says_what_v51_lacks(tmp_path: Path) -> None:
@@ -312,7 +336,9 @@ def test_an_on_demand_restore_sends_cocoons_mode_and_says_what_v51_lacks(tmp_pat
     assert any("memory_restore_mode" in n for n in clone["notes"])
 
 
-def test_a_local_snapshots_queue_sizes_and_direct_io_are_inherited(tmp_path: Path) -> None:
+def test_a_local_snapshots_queue_sizes_and_direct_io_are_inherited(
+    tmp_path: Path, snapshot_json: SnapshotAssertion
+) -> None:
     baked = {
         "id": "S2JHTLGMXGEDN73U55XTPLPFT7",  # the snapshot the artifact was pushed from
         "name": "agent-src-snap",
@@ -333,6 +359,7 @@ def test_a_local_snapshots_queue_sizes_and_direct_io_are_inherited(tmp_path: Pat
     overridden = vm_entry(plan_json(project)[1], "agent-clone")
     assert {d["queue_size"] for d in overridden["config"]["disks"]} == {128}
     assert any(d["direct"] for d in overridden["config"]["disks"])
+    assert clone == snapshot_json
 
 
 # --------------------------------------------------------------------------- what cocoon checks at create
