@@ -10,6 +10,10 @@ ownership file marks both as created by it (from ``agent-clone.yaml`` and ``agen
 VM ``legacy-tool``, another ``vm run`` of the 6-layer image, was made by hand: cocoonplan
 must leave it alone.
 
+``examples/node-b`` is the same scenario on a node whose cocoon keeps its metadata in SQLite
+(``meta/meta.db``, as a root set up by the v0.6 line has it), planned from
+``agent-clone-b.yaml`` and ``agent-run-b.yaml``.
+
     .venv/bin/python examples/build.py           # rewrite examples/oci and examples/node
     .venv/bin/python examples/build.py --check   # exit 1 if the committed files differ
 
@@ -19,14 +23,18 @@ Every byte is deterministic (erofs bytes depend on the erofs-utils version: 1.5 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
+import sqlite3
 import sys
 import tempfile
+from contextlib import closing
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # the fixture library, imported as pytest imports it
 
+from metafixture import write_sqlite_meta  # noqa: E402
 from ocifixture import (  # noqa: E402
     AS_WRITTEN,
     GIB,
@@ -50,7 +58,13 @@ from ocifixture import (  # noqa: E402
 XFACE = "ghcr.io/cocoonstack/cocoon/ubuntu:24.04-xface"
 XFACE_0513 = "ghcr.io/cocoonstack/cocoon/ubuntu:24.04-xface-20260513"
 AGENT_SNAP = "ghcr.io/cocoonstack/agent-snap:v1"
-OUTPUTS = ("oci", "node")
+OUTPUTS = ("oci", "node", "node-b")
+SQLITE_NAMESPACES = {
+    "vms_cloudhypervisor": "cloudhypervisor/db/vms.json",
+    "snapshots": "snapshot/db/snapshots.json",
+    "images_oci": "oci/db/images.json",
+}
+"""The metadata a fresh SQLite root keeps in meta/meta.db instead of these JSON files."""
 AGENT_CLONE_ID = "V4SEH2KVJ72CEUVW75EFR6EDT4"
 AGENT_RUN_ID = derive_id("examples", "agent-run")
 LEGACY_TOOL_ID = derive_id("examples", "legacy-tool")
@@ -151,12 +165,13 @@ def scenario() -> tuple[dict[str, Artifact], list[NodeVM]]:
     return {XFACE: xface, XFACE_0513: xface_0513, AGENT_SNAP: snap}, vms
 
 
-def owned(artifacts: dict[str, Artifact]) -> dict[str, OwnerRecord]:
-    """cocoonplan's ownership entries: the two VMs it applied, as it recorded them then."""
+def owned(artifacts: dict[str, Artifact], suffix: str = "") -> dict[str, OwnerRecord]:
+    """cocoonplan's ownership entries: the two VMs it applied (from ``agent-*<suffix>.yaml``),
+    as it recorded them then."""
     return {
         AGENT_CLONE_ID: OwnerRecord(
             name="agent-clone",
-            spec_file="agent-clone.yaml",
+            spec_file=f"agent-clone{suffix}.yaml",
             source=artifacts[AGENT_SNAP].digest,
             config_sha256=AS_WRITTEN,
             launch=AS_WRITTEN,
@@ -164,7 +179,7 @@ def owned(artifacts: dict[str, Artifact]) -> dict[str, OwnerRecord]:
         ),
         AGENT_RUN_ID: OwnerRecord(
             name="agent-run",
-            spec_file="agent-run.yaml",
+            spec_file=f"agent-run{suffix}.yaml",
             source=artifacts[XFACE_0513].digest,
             launch=AS_WRITTEN,
             cmdline=AS_WRITTEN,
@@ -178,11 +193,30 @@ def build(out: Path) -> None:
     write_layout(out / "oci", artifacts)
     images = {ref: art for ref, art in artifacts.items() if art.snapshot is None}
     node_root(out / "node", images=images, vms=vms, owned=owned(artifacts))
+    node_root(out / "node-b", images=images, vms=vms, owned=owned(artifacts, "-b"))
+    to_sqlite(out / "node-b")
+
+
+def to_sqlite(root: Path) -> None:
+    """Move a node root's metadata from the JSON files into ``meta/meta.db``, as a root that a
+    v0.6 cocoon set up holds it (no JSON files at all)."""
+    documents = {name: json.loads((root / file).read_bytes()) for name, file in SQLITE_NAMESPACES.items()}
+    write_sqlite_meta(root, documents)
+    for file in SQLITE_NAMESPACES.values():
+        (root / file).unlink()
+
+
+def _content(path: Path) -> bytes:
+    # A database's bytes carry the writing SQLite's version: compare what it holds.
+    if path.suffix != ".db":
+        return path.read_bytes()
+    with closing(sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)) as connection:
+        return "\n".join(connection.iterdump()).encode()
 
 
 def _files(root: Path) -> dict[str, bytes]:
     found = (p for name in OUTPUTS for p in sorted((root / name).rglob("*")))
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in found if p.is_file()}
+    return {p.relative_to(root).as_posix(): _content(p) for p in found if p.is_file()}
 
 
 def differences(built: Path, committed: Path) -> list[str]:

@@ -39,9 +39,20 @@ def vm_entry(document: dict[str, Any], name: str) -> dict[str, Any]:
     return next(vm for vm in document["vms"] if vm["name"] == name)
 
 
-def copy_examples(target: Path) -> Path:
-    """A private copy of ``examples/`` (without any cache), so tests never write into the repo."""
+def copy_examples(target: Path, *, node_b: bool = False) -> Path:
+    """A private copy of ``examples/`` (without any cache), so tests never write into the repo.
+
+    Most tests are about one node: unless ``node_b``, the copy leaves out node-b (its root,
+    its specs and its entry in the project file), keeping node-a's example as it is.
+    """
     shutil.copytree(EXAMPLES, target, ignore=shutil.ignore_patterns(".cocoonplan", "build.py", "__pycache__"))
+    if not node_b:
+        shutil.rmtree(target / "node-b")
+        for spec in target.glob("*-b.yaml"):
+            spec.unlink()
+        project = target / "cocoonplan.yaml"
+        text = project.read_text()
+        project.write_text(text[: text.index("  node-b:")])
     return target
 
 

@@ -229,6 +229,8 @@ class SourceVM:
     nics: Sequence[Nic] = ()
     data_disks: Sequence[DataDisk] = ()
     host_cpus: int = 16
+    vsock: bool = False
+    """Launched with ``--vsock`` (cocoon v0.6): the snapshot's config.json then has a vsock device."""
 
 
 @dataclass(frozen=True)
@@ -368,6 +370,11 @@ def _tap_mac(vm_id: str, i: int, nic: Nic) -> tuple[str, str]:
     return nic.tap or f"tap{vm_id[:8]}-{i}", nic.mac or derive_mac(vm_id, str(i))
 
 
+def _vsock(scs: Sequence[JSON]) -> JSON:
+    run_dir = next(sc["path"] for sc in scs if sc["role"] == "cow").rsplit("/", 1)[0]
+    return {"cid": 3, "socket": f"{run_dir}/vsock.uds", "iommu": False, "id": "_vsock0", "pci_segment": 0}
+
+
 # fmt: off
 def _ch_config(vm: SourceVM, scs: Sequence[JSON], kernel: str, initrd: str, cmdline: str) -> JSON:
     """The source VM's CH v51 VmConfig as CH writes it at ``vm.snapshot`` (Example C's key order)."""
@@ -417,7 +424,7 @@ def _ch_config(vm: SourceVM, scs: Sequence[JSON], kernel: str, initrd: str, cmdl
         "tpm": None,
         "user_devices": None,
         "vdpa": None,
-        "vsock": None,
+        "vsock": _vsock(scs) if vm.vsock else None,
         "watchdog": True,
     }
 
@@ -468,13 +475,15 @@ def snapshot(
     snapshot_id: str | None = None,
     created: str = "2026-05-14T09:12:33.481207394Z",
     kernel_override: str | None = None,
+    config_override: Mapping[str, Any] | None = None,
 ) -> Artifact:
     """A cocoon hot-snapshot artifact exactly as epoch v1 pushes it (§7).
 
     ``layers_override`` (digests or hexes) makes cocoon.json/config.json name another layer list
     than ``base`` while the config blob keeps ``base``'s image, digest and blob set. The kernel
     and initrd are those of ``base``, unless ``kernel_override`` names the layer (digest or hex)
-    whose boot directory the snapshot's kernel path points into."""
+    whose boot directory the snapshot's kernel path points into. ``config_override`` replaces
+    fields of the config blob (a registry's hostile or broken values)."""
     kernel_layer, initrd_layer = base.boot_layers()
     spec = SnapshotSpec(
         vm=vm,
@@ -533,7 +542,7 @@ def snapshot(
         "nics": len(vm.nics),
         "files": dict(sorted(file_meta.items())),
         "createdAt": created,
-    }
+    } | dict(config_override or {})
     config_blob = Blob(SNAPSHOT_CONFIG, go_json(config))
     annotations = {CREATED: created[:19] + "Z"}
     baseimage = base_ref if base_image_annotation is _Default.BASE_REF else base_image_annotation

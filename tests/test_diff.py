@@ -40,6 +40,17 @@ def _owned(**overrides: OwnerRecord | None) -> dict[str, OwnerRecord]:
     return owners
 
 
+ENGINE = {"metadata": "json"}
+"""The metadata engine of the node roots the current test builds (see :func:`_engine`)."""
+
+
+@pytest.fixture(autouse=True, params=["json", "sqlite"])
+def _engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every case runs on a node root with cocoon's JSON metadata and on one with SQLite
+    metadata: the reader must see the same node either way, so the plans are pinned alike."""
+    monkeypatch.setitem(ENGINE, "metadata", request.param)
+
+
 def _project(tmp_path: Path, vms: list[Any], owned: dict[str, OwnerRecord]) -> Path:
     project = copy_examples(tmp_path / "examples")
     shutil.rmtree(project / "node")
@@ -48,6 +59,13 @@ def _project(tmp_path: Path, vms: list[Any], owned: dict[str, OwnerRecord]) -> P
         images={k: v for k, v in ARTIFACTS.items() if k != build.AGENT_SNAP},
         vms=vms,
         owned=owned,
+    )
+    if ENGINE["metadata"] == "sqlite":
+        build.to_sqlite(project / "node")
+    # The engine is under test here, not the planning rules: both roots are planned as v0.3.8.
+    config = project / "cocoonplan.yaml"
+    config.write_text(
+        config.read_text().replace("    cpus: 16\n", "    cpus: 16\n    cocoonVersion: v0.3.8\n")
     )
     return project
 
@@ -184,15 +202,16 @@ def test_applied_files_that_changed_on_the_node_are_drift(tmp_path: Path) -> Non
     assert drift["expected"] == "console=hvc0 applied-elsewhere"
 
 
-def test_corrupted_vms_json_is_a_clear_error_and_nothing_is_written(tmp_path: Path) -> None:
+def test_corrupted_metadata_is_a_clear_error_and_nothing_is_written(tmp_path: Path) -> None:
     project = _project(tmp_path, _healthy_vms(), _owned())
-    vms = project / "node" / "cloudhypervisor" / "db" / "vms.json"
-    vms.write_text(vms.read_text()[:100])
+    damaged = "meta/meta.db" if ENGINE["metadata"] == "sqlite" else "cloudhypervisor/db/vms.json"
+    path = project / "node" / damaged
+    path.write_bytes(path.read_bytes()[:100])
     before = tree(project)
     result = run_cli(["plan", ".", "--out", "plan.json"], project)
     assert result.exit_code == 1
     assert result.stderr.startswith("Error: ")
-    assert "cloudhypervisor/db/vms.json" in result.stderr
+    assert damaged in result.stderr
     assert tree(project) == before
 
 

@@ -21,11 +21,13 @@ from snapshotext import JSONFile, TextFile
 # Keys CH v51 serialises that its OpenAPI document does not list (seen in Example C).
 CH_SERIALISED_EXTRAS = {"disable_aio", "disable_io_uring", "fds", "user_devices"}
 SPECS = sorted(p.stem for p in EXAMPLES.glob("*.yaml") if p.name != "cocoonplan.yaml")
+NODES = {"node-a": "", "node-b": "-b"}
+"""Each example node and the suffix of its spec files (agent-clone-b.yaml plans node-b)."""
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return copy_examples(tmp_path_factory.mktemp("examples") / "examples")
+    return copy_examples(tmp_path_factory.mktemp("examples") / "examples", node_b=True)
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +38,15 @@ def document(project: Path) -> dict[str, Any]:
     return loaded
 
 
-def _vm(document: dict[str, Any], name: str) -> dict[str, Any]:
-    return next(vm for vm in document["vms"] if vm["name"] == name)
+def _vm(document: dict[str, Any], spec: str) -> dict[str, Any]:
+    """The VM the spec file ``<spec>.yaml`` plans (``agent-clone-b``: agent-clone on node-b)."""
+    node = "node-b" if spec.endswith(NODES["node-b"]) else "node-a"
+    name = spec.removesuffix(NODES[node])
+    return next(vm for vm in document["vms"] if vm["name"] == name and vm["node"] == node)
 
 
 def test_every_example_is_planned(document: dict[str, Any]) -> None:
-    assert sorted(vm["name"] for vm in document["vms"]) == SPECS
+    assert sorted(vm["name"] + NODES[vm["node"]] for vm in document["vms"]) == SPECS
     assert document["errors"] == []
     assert document["lock_changes"] == [], "examples/cocoonplan.lock must be current"
 
@@ -127,13 +132,15 @@ def test_render_writes_and_checks_gitops_files(project: Path, tmp_path: Path) ->
     assert run_cli(["render", ".", "--dir", str(target)], project).exit_code == 0
     files = sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file())
     assert files == [
+        ".cocoonplan-render.json",  # what render wrote, so the only files it may remove later
         *(
-            f"node-a/agent-clone/{f}"
-            for f in ("config.json", "disks.json", "launch", "provisional.json", "restore.json")
-        ),
-        *(
-            f"node-a/agent-run/{f}"
-            for f in ("config.derived.json", "disks.json", "launch", "provisional.json")
+            f"{node}/{vm}/{f}"
+            for node in NODES
+            for vm, names in (
+                ("agent-clone", ("config.json", "disks.json", "launch", "provisional.json", "restore.json")),
+                ("agent-run", ("config.derived.json", "disks.json", "launch", "provisional.json")),
+            )
+            for f in names
         ),
     ]
     # The launch file is quoted for a shell: --cmdline's value is one argument.
@@ -145,18 +152,16 @@ def test_render_writes_and_checks_gitops_files(project: Path, tmp_path: Path) ->
     config = target / "node-a/agent-clone/config.json"
     config.write_text(config.read_text().replace("cocoon-layer3", "cocoon-layer9"))
     (target / "node-a/ghost/launch").parent.mkdir()
-    (target / "node-a/ghost/launch").write_text("x\n")
+    (target / "node-a/ghost/launch").write_text("x\n")  # not written by render: never stale
     checked = run_cli(["render", ".", "--dir", str(target), "--check"], project)
     assert checked.exit_code == 1
-    assert checked.stdout.splitlines() == [
-        "changed: node-a/agent-clone/config.json",
-        "stale:   node-a/ghost/launch",
-    ]
+    assert checked.stdout.splitlines() == ["changed: node-a/agent-clone/config.json"]
     assert "cocoon-layer9" in config.read_text(), "--check writes nothing"
 
 
-def test_examples_show_the_founding_bug_as_drift(document: dict[str, Any]) -> None:
-    clone = _vm(document, "agent-clone")
+@pytest.mark.parametrize("suffix", NODES.values())
+def test_examples_show_the_founding_bug_as_drift(document: dict[str, Any], suffix: str) -> None:
+    clone = _vm(document, "agent-clone" + suffix)
     assert clone["action"] == "replace"
     assert "disks" in clone["replace_paths"]
     alien = [d for d in clone["drift"] if d["found"] is not None]
@@ -169,10 +174,10 @@ def test_examples_show_the_founding_bug_as_drift(document: dict[str, Any]) -> No
     )
     assert [d["path"] for d in missing] == [f"disks[{i}]" for i in range(6, 11)]
     assert all(d["expected"].startswith("sha256:") for d in clone["drift"])
-    run = _vm(document, "agent-run")
+    run = _vm(document, "agent-run" + suffix)
     assert run["action"] == "no-op" and run["drift"] == [] and run["changes"] == []
-    assert [w["vm"] for w in document["warnings"]] == ["legacy-tool"]
-    assert document["summary"]["drifted"] == 1
+    assert [w["vm"] for w in document["warnings"]] == ["legacy-tool", "legacy-tool"]
+    assert document["summary"]["drifted"] == 2
 
 
 def test_refresh_only_reports_drift_alone(project: Path) -> None:
@@ -181,10 +186,9 @@ def test_refresh_only_reports_drift_alone(project: Path) -> None:
     document = json.loads(result.stdout)
     assert document["refresh_only"] is True
     # Every VM on the node is reported, with or without a spec, the hand-made one too.
-    assert {vm["name"]: vm["action"] for vm in document["vms"]} == {
-        "agent-clone": "no-op",
-        "agent-run": "no-op",
-        "legacy-tool": "no-op",
+    assert {(vm["node"], vm["name"]): vm["action"] for vm in document["vms"]} == {
+        (node, name): "no-op" for node in NODES for name in ("agent-clone", "agent-run", "legacy-tool")
     }
     assert all(vm["changes"] == [] for vm in document["vms"])
     assert len(_vm(document, "agent-clone")["drift"]) == 9
+    assert len(_vm(document, "agent-clone-b")["drift"]) == 9

@@ -35,7 +35,8 @@ L0 = "4fbec69b941195fd56f8212a5000e304129451d82efca94ff0e0fb2d5355472e"
 L1 = "77ea7eee3d80b1a38f83906dd3048e2689457eb90e18a7d12f839c5ae37106a2"
 L2 = "95cf1a2e1698fe3ca1fcc3f653119146b271d0b62e487ec264441e886a11bd06"
 SRC = "/var/lib/cocoon/run/cloudhypervisor/UJZDEGXDNCF32EPF3DHODZDOCI"
-CLONE = "/var/lib/cocoon/run/cloudhypervisor/V4SEH2KVJ72CEUVW75EFR6EDT4"
+CLONE_ID = "V4SEH2KVJ72CEUVW75EFR6EDT4"
+CLONE = f"/var/lib/cocoon/run/cloudhypervisor/{CLONE_ID}"
 TUNING = Tuning(cpu=2, memory=GIB, host_cpus=16)
 STATIC_CMDLINE = (
     "console=hvc0 loglevel=3 boot=cocoon-overlay cocoon.layers=cocoon-layer2,cocoon-layer1,cocoon-layer0 "
@@ -86,7 +87,7 @@ def _source_of_example_c() -> dict[str, Any]:
 
 
 def test_clone_patch_reproduces_example_c_byte_for_byte() -> None:
-    patched = patch_clone_config(_source_of_example_c(), _disks(CLONE), TUNING, f"{CLONE}/console.sock")
+    patched = patch_clone_config(_source_of_example_c(), _disks(CLONE), TUNING, run_dir=CLONE, vm_id=CLONE_ID)
     expected = _example_c()
     assert patched == expected
     # Key order is part of the contract: compare the Go-style encoding, not just the values.
@@ -97,7 +98,7 @@ def test_clone_patch_keeps_unknown_keys_and_does_not_touch_the_source() -> None:
     source = _source_of_example_c()
     source["future_field"] = {"b": 1, "a": 2}
     before = copy.deepcopy(source)
-    patched = patch_clone_config(source, _disks(CLONE), TUNING, f"{CLONE}/console.sock")
+    patched = patch_clone_config(source, _disks(CLONE), TUNING, run_dir=CLONE, vm_id=CLONE_ID)
     assert patched["future_field"] == {"b": 1, "a": 2}
     assert list(patched["future_field"]) == ["b", "a"]
     assert source == before
@@ -105,10 +106,14 @@ def test_clone_patch_keeps_unknown_keys_and_does_not_touch_the_source() -> None:
 
 def test_clone_patch_balloon_rules() -> None:
     source = _source_of_example_c()
-    small = patch_clone_config(source, _disks(CLONE), Tuning(cpu=2, memory=128 << 20, host_cpus=16), "s")
+    small = patch_clone_config(
+        source, _disks(CLONE), Tuning(cpu=2, memory=128 << 20, host_cpus=16), run_dir="s", vm_id=CLONE_ID
+    )
     assert "balloon" not in small
     del source["balloon"]
-    added = patch_clone_config(source, _disks(CLONE), Tuning(cpu=4, memory=2 * GIB, host_cpus=16), "s")
+    added = patch_clone_config(
+        source, _disks(CLONE), Tuning(cpu=4, memory=2 * GIB, host_cpus=16), run_dir="s", vm_id=CLONE_ID
+    )
     assert list(added["balloon"].items()) == [
         ("size", GIB // 2),
         ("deflate_on_oom", True),
@@ -121,7 +126,7 @@ def test_clone_patch_balloon_rules() -> None:
 def test_clone_patch_uefi_serial_console() -> None:
     source = _source_of_example_c()
     source["payload"]["firmware"] = "/var/lib/cocoon/firmware/CLOUDHV.fd"
-    patched = patch_clone_config(source, _disks(CLONE), TUNING, f"{CLONE}/console.sock")
+    patched = patch_clone_config(source, _disks(CLONE), TUNING, run_dir=CLONE, vm_id=CLONE_ID)
     assert patched["serial"] == {"mode": "Socket", "socket": f"{CLONE}/console.sock"}
     assert patched["console"] == {"mode": "Off"}
 
@@ -200,6 +205,7 @@ def test_launch_line_matches_the_worked_cmdline_file() -> None:
 def test_run_config_mirrors_the_launch_line_and_is_schema_valid() -> None:
     boot = f"/var/lib/cocoon/oci/boot/{L1}"
     config = run_config(
+        api_socket=f"{SRC}/api.sock",
         disks=_disks(SRC),
         nics=[NIC],
         boot=Boot(kernel=f"{boot}/vmlinuz", initrd=f"{boot}/initrd.img", cmdline=STATIC_CMDLINE),

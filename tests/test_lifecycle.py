@@ -229,7 +229,7 @@ def test_a_node_without_state_is_unknown_and_nothing_is_created_or_deleted(
 ) -> None:
     project = copy_examples(tmp_path / "examples")
     config = project / "cocoonplan.yaml"
-    config.write_text(config.read_text().replace("    state: node\n", ""))
+    config.write_text(config.read_text().replace("    state: node\n", "    cocoonVersion: v0.3.8\n"))
     (project / "agent-run.yaml").unlink()  # would be a delete on a known node
     code, document = plan_json(project, "--detailed-exitcode")
     assert code == 2
@@ -255,6 +255,10 @@ def test_assume_empty_node_refuses_a_node_whose_state_is_known(tmp_path: Path) -
     assert "node's state is known" in result.stderr
     unknown = run_cli(["plan", ".", "--assume-empty-node", "node-z"], project)
     assert unknown.exit_code == 1 and "does not declare" in unknown.stderr
+    config = project / "cocoonplan.yaml"
+    config.write_text(config.read_text().replace("    state: node\n", ""))
+    versionless = run_cli(["plan", ".", "--assume-empty-node", "node-a"], project)
+    assert versionless.exit_code == 1 and "set cocoonVersion for node-a" in versionless.stderr
 
 
 # --------------------------------------------------------------------------- identity
@@ -405,7 +409,7 @@ def test_a_run_plans_the_image_record_and_boot_files_it_needs(tmp_path: Path) ->
     assert all(b["present"] for b in on_node["boot_files"])
     project = copy_examples(tmp_path / "empty")
     config = project / "cocoonplan.yaml"
-    config.write_text(config.read_text().replace("    state: node\n", ""))
+    config.write_text(config.read_text().replace("    state: node\n", "    cocoonVersion: v0.3.8\n"))
     fresh = vm_entry(plan_json(project, "--assume-empty-node", "node-a")[1], "agent-run")
     repository = build.XFACE_0513.rsplit(":", 1)[0]
     assert fresh["image_record"]["key"] == f"{repository}@{image.digest}"

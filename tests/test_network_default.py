@@ -265,7 +265,9 @@ def test_precedence_of_the_sources(tmp_path: Path, sources: set[str], expected: 
 def test_plan_hands_the_default_network_to_the_planner(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    root = _project(tmp_path / "project", {"cniConfDir": "cni", "state": "state.json"})
+    root = _project(
+        tmp_path / "project", {"cniConfDir": "cni", "state": "state.json", "cocoonVersion": "v0.3.8"}
+    )
     _conf_dir(root / "cni", {"10.conflist": _conflist("from-dir")})
     _state(root, "from-state")
     seen: dict[str, NodeView] = {}

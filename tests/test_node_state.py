@@ -175,7 +175,9 @@ def test_cli_names_a_truncated_vm_database(node: Path) -> None:
     db.write_bytes(db.read_bytes()[:200])
     result = run_cli(["state", "export", "--root", "root"], node.parent)
     assert result.exit_code == 1 and result.stdout == ""
-    assert result.stderr.startswith(f"Error: {VMS_DB}: not valid JSON: ")
+    # cocoon falls back to the .prev generation of a file it cannot decode; a copy without one fails.
+    assert result.stderr.startswith(f"Error: {VMS_DB}: cannot be decoded (not valid JSON: ")
+    assert f"there is no {VMS_DB}.prev" in result.stderr
     assert "hint: " in result.stderr
 
 
@@ -250,7 +252,7 @@ def test_empty_and_missing_roots(tmp_path: Path) -> None:
         ),
         (lambda d: d["vms"][RUN_ID].update(hypervisor="firecracker"), "is a 'firecracker' record"),
         (lambda d: d["vms"][RUN_ID].update(image_blob_ids=3), "image_blob_ids is not an object or array"),
-        (lambda d: d.update(vms=[]), "'vms' is an array, expected a JSON object"),
+        (lambda d: d.update(vms=[]), "'vms' is an array, not an object"),
     ],
 )
 def test_inconsistent_vm_database_is_refused(node: Path, change: Any, message: str) -> None:

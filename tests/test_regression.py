@@ -80,7 +80,9 @@ def _push_scenario(server: RegistryServer, project: Path, changed_layer: int | N
     for blob in (*xface.layers, *xface_0513.layers):
         (blobs / f"{blob.hex}.erofs").write_bytes(b"")
     (project / "cocoonplan.yaml").write_text(
+        # A root holding only blobs shows no cocoon release: the project names it.
         "apiVersion: cocoonplan/v1alpha1\nkind: Project\nnodes:\n  node-a:\n    cpus: 16\n    state: node\n"
+        "    cocoonVersion: v0.3.8\n"
     )
     return Scenario(host, project, xface, xface_0513)
 

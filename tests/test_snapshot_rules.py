@@ -88,9 +88,9 @@ def test_cocoons_role_rules(configs: tuple[StorageConfig, ...], problem: tuple[i
     ],
 )
 def test_unsupported_snapshot_kinds_are_refused(fields: dict[str, str], message: str) -> None:
-    config = SnapshotConfig.model_validate({"schemaVersion": "v1", **fields})
+    # The source VM's settings every snapshot config carries (the smallest cocoon accepts).
+    required = {"schemaVersion": "v1", "cpu": 1, "memory": 512 << 20, "storage": 10 << 30}
+    config = SnapshotConfig.model_validate(required | fields)
     with pytest.raises(ResolveError, match=message):
         _check_kind(config, "snapshot x")
-    _check_kind(
-        SnapshotConfig.model_validate({"schemaVersion": "v1", "hypervisor": "cloud-hypervisor"}), "ok"
-    )
+    _check_kind(SnapshotConfig.model_validate(required | {"hypervisor": "cloud-hypervisor"}), "ok")

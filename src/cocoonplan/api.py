@@ -7,6 +7,7 @@ All I/O arrives through :class:`Environment`, never from globals.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -17,6 +18,7 @@ import httpx
 from pydantic import ValidationError
 
 from cocoonplan import __version__
+from cocoonplan.atomic import update_file
 from cocoonplan.cocoon import BOOT_PATH
 from cocoonplan.context import ProjectContext
 from cocoonplan.document import read_documents
@@ -25,10 +27,12 @@ from cocoonplan.lock import LockedDigests, LockEntry, LockFile, RefKind, encode_
 from cocoonplan.model import NAME_PATTERN
 from cocoonplan.observed import NodeState, ObservedVM
 from cocoonplan.oci.reference import parse_reference
+from cocoonplan.oci.registry import DEFAULT_TIMEOUT_SECONDS
 from cocoonplan.oci.sources import open_sources
 from cocoonplan.planner import Action, Plan, PlanInput, make_plan
 from cocoonplan.planner.model import Diagnostic, LockChange
 from cocoonplan.project import LOCK_FILE, PROJECT_FILE, Arch, Project
+from cocoonplan.releases import CocoonVersion
 from cocoonplan.resolved import (
     NodeView,
     PinnedRef,
@@ -42,9 +46,13 @@ from cocoonplan.resolvers.image import BootScanner, resolve_image
 from cocoonplan.resolvers.network import default_networks, read_default_network
 from cocoonplan.resolvers.node import DEFAULT_ROOT_DIR, present_layers, read_node_root, read_node_state
 from cocoonplan.resolvers.pins import Pinner
+from cocoonplan.resolvers.release import node_release, read_cocoon_version
 from cocoonplan.resolvers.snapshot import resolve_snapshot
 from cocoonplan.spec import LoadedSpec
 from cocoonplan.specfile import check_unique, index_project, load_specs, spec_files
+
+TIMEOUT_VARIABLE = "COCOONPLAN_TIMEOUT"
+"""Seconds, when no :attr:`Environment.timeout` is given."""
 
 
 @dataclass(frozen=True)
@@ -53,12 +61,35 @@ class Environment:
 
     env: Mapping[str, str]
     cwd: Path
-    timeout: float = 30.0
+    timeout: float | None = None
+    """Seconds any one wait on the outside world may take: connecting, each read and write, a
+    pooled connection, a credential helper's whole run. A registry fetch gets DEADLINE_FACTOR
+    times it in all, plus a second per MIN_BYTES_PER_SECOND received (oci/registry.py).
+    None: ``$COCOONPLAN_TIMEOUT``, else 30."""
+
+    def timeout_seconds(self) -> float:
+        """The effective :attr:`timeout`; a ``COCOONPLAN_TIMEOUT`` that is no positive number is an error."""
+        if self.timeout is not None:
+            return self.timeout
+        value = self.env.get(TIMEOUT_VARIABLE, "")
+        if not value:
+            return DEFAULT_TIMEOUT_SECONDS
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = math.nan
+        if not (math.isfinite(seconds) and seconds > 0):
+            raise CocoonplanError(
+                f"{TIMEOUT_VARIABLE}={value!r} is not a positive number of seconds",
+                hint=f"set it to e.g. 30, or unset it for the default of {DEFAULT_TIMEOUT_SECONDS:g}",
+            )
+        return seconds
 
     @contextmanager
     def http(self) -> Iterator[httpx.Client]:
         """An HTTP client for registries, closed when the command ends."""
-        with httpx.Client(timeout=httpx.Timeout(self.timeout), follow_redirects=True) as client:
+        timeout = httpx.Timeout(self.timeout_seconds())
+        with httpx.Client(timeout=timeout, follow_redirects=True) as client:
             yield client
 
 
@@ -181,6 +212,11 @@ def read_nodes(
                 f"--assume-empty-node {name}: the node's state is known, so nothing needs assuming",
                 hint="drop the option, or the node's state:/--root/--state",
             )
+        if node.cocoon_version is None:
+            raise CocoonplanError(
+                f"--assume-empty-node {name}: an empty node shows no cocoon release to plan for",
+                hint=f"set cocoonVersion for {name} in cocoonplan.yaml (what `cocoon version` prints there)",
+            )
     states: dict[str, NodeState | None] = {}
     for name, node in sorted(context.project.nodes.items()):
         path = overrides.get(name) or (context.resolve(node.state) if node.state else None)
@@ -221,6 +257,7 @@ def _node_views(
     states: dict[str, NodeState | None],
     content: Content,
     networks: Mapping[str, str | None],
+    releases: Mapping[str, CocoonVersion | None],
     project: Project,
 ) -> tuple[dict[str, NodeView], list[Diagnostic]]:
     views: dict[str, NodeView] = {}
@@ -242,6 +279,7 @@ def _node_views(
             settings=project.nodes[name],
             state=state,
             bases=bases,
+            cocoon=releases[name],
             default_network=networks[name],
         )
     return views, warnings
@@ -332,6 +370,7 @@ def plan(
     overrides |= from_files
     nodes = read_nodes(context, overrides, assume_empty)
     networks = default_networks(context, nodes)
+    releases = {name: node_release(name, context.project.nodes[name], nodes[name]) for name in nodes}
     inputs: list[PlanInput] = []
     errors: list[Diagnostic] = []
     with environment.http() as client, open_sources(context, client, environment.env) as sources:
@@ -348,7 +387,7 @@ def plan(
                 errors.append(Diagnostic.from_error(exc, vm=loaded.spec.name, file=loaded.file))
                 continue
             inputs.append(PlanInput(loaded=loaded, resolved=resolved, node=context.project.nodes[node]))
-        views, warnings = _node_views(nodes, content, networks, context.project)
+        views, warnings = _node_views(nodes, content, networks, releases, context.project)
     return make_plan(
         inputs,
         nodes=views,
@@ -410,12 +449,7 @@ def lock(paths: Sequence[Path], environment: Environment, *, update: bool = Fals
     kept = [e for e in old.references if e.original not in entries and e.original in in_use]
     new = LockFile(references=(*entries.values(), *kept))
     removed = tuple(sorted(e.original for e in old.references if e.original not in entries and e not in kept))
-    text = encode_lock(new)
-    written = not lock_path.exists() or lock_path.read_text() != text
-    if written:
-        temp = lock_path.with_name(f".{lock_path.name}.tmp")
-        temp.write_text(text)
-        temp.replace(lock_path)
+    written = update_file(lock_path.parent, lock_path.name, encode_lock(new))
     applied = tuple(c for c in pinner.changes.values() if update or c.before is None)
     return LockResult(path=lock_path, changes=applied, removed=removed, written=written)
 
@@ -448,15 +482,21 @@ def export_state(
     root_dir: str | None = None,
     run_dir: str | None = None,
     cni_conf_dir: Path | None = None,
+    cocoon: str | None = None,
 ) -> NodeState:
     """Read the cocoon root found at ``root`` (relative to the working directory) for export.
 
     ``root_dir`` and ``run_dir`` are the node's own ``--root-dir`` (default ``/var/lib/cocoon``)
     and ``--run-dir`` (default ``<root_dir>/run``): the paths its records hold. ``cni_conf_dir``
-    (the node's ``--cni-conf-dir`` or a copy) gives the state its ``default_network``. Raises
-    StateError when the root or conf dir cannot be read or contradicts itself; nothing is written.
+    (the node's ``--cni-conf-dir`` or a copy) gives the state its ``default_network``;
+    ``cocoon`` (the node's cocoon binary) its ``cocoon_version``, from ``cocoon version``.
+    Raises StateError when the root or conf dir cannot be read or contradicts itself, or the
+    binary does not answer; nothing is written.
     """
     state = read_node_root(environment.cwd / root, root_dir or DEFAULT_ROOT_DIR, run_dir)
-    if cni_conf_dir is None:
-        return state
-    return state.model_copy(update={"default_network": read_default_network(environment.cwd / cni_conf_dir)})
+    found: dict[str, str | None] = {}
+    if cni_conf_dir is not None:
+        found["default_network"] = read_default_network(environment.cwd / cni_conf_dir)
+    if cocoon is not None:
+        found["cocoon_version"] = read_cocoon_version(cocoon, environment.env)
+    return state.model_copy(update=found)

@@ -13,11 +13,13 @@ from typing import Annotated
 import typer
 
 from cocoonplan import __version__, api
+from cocoonplan.atomic import check_target, holds, update_file
 from cocoonplan.errors import CocoonplanError
 from cocoonplan.gitops import differences, write_tree
 from cocoonplan.planfile import read_plan, write_plan
 from cocoonplan.planner.model import Plan
 from cocoonplan.render import plan_document, render_human, render_json, render_markdown
+from cocoonplan.render.escape import plain, plain_lines
 from cocoonplan.resolvers.node import DEFAULT_ROOT_DIR, encode_state
 from cocoonplan.schemas import generate as generate_schemas
 
@@ -44,7 +46,13 @@ def _environment() -> api.Environment:
 
 
 def _fail(exc: CocoonplanError) -> typer.Exit:
-    typer.echo(f"Error: {exc.render()}", err=True)
+    # The summary and hint may quote file names or server messages: one visible line each.
+    lines = [f"Error: {plain(exc.summary)}"]
+    if exc.detail:
+        lines.append(plain_lines(exc.detail))
+    if exc.hint:
+        lines.append(f"hint: {plain(exc.hint)}")
+    typer.echo("\n".join(lines), err=True)
     return typer.Exit(1)
 
 
@@ -125,7 +133,10 @@ def plan(
         raise _fail(exc) from exc
     _print_plan(result, as_json, as_markdown)
     if out is not None and not result.errors:
-        write_plan(result, out)
+        try:
+            write_plan(result, out)
+        except CocoonplanError as exc:
+            raise _fail(exc) from exc
     raise typer.Exit(_exit_code(result, detailed_exitcode))
 
 
@@ -204,22 +215,21 @@ def schemas(
     ] = False,
 ) -> None:
     """Write the JSON Schemas of the spec, project, lock and plan documents (for editors and tools)."""
-    stale = [
-        name for name, text in generate_schemas().items() if _stale(directory / name, text, write=not check)
-    ]
+    generated = generate_schemas()
+    try:
+        for name in generated:
+            check_target(directory, name)  # a link in the way fails before any file is written
+        stale = [name for name, text in generated.items() if _stale(directory, name, text, write=not check)]
+    except CocoonplanError as exc:
+        raise _fail(exc) from exc
     for name in stale:
         typer.echo(f"{'stale' if check else 'wrote'}: {directory / name}")
     if check and stale:
         raise typer.Exit(1)
 
 
-def _stale(path: Path, text: str, *, write: bool) -> bool:
-    if path.is_file() and path.read_text() == text:
-        return False
-    if write:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    return True
+def _stale(directory: Path, name: str, text: str, *, write: bool) -> bool:
+    return update_file(directory, name, text) if write else not holds(directory, name, text)
 
 
 @app.command()
@@ -251,10 +261,14 @@ def state_export(
             help="The node's cocoon --cni-conf-dir (or a copy): records its default network.",
         ),
     ] = None,
+    cocoon: Annotated[
+        str | None,
+        typer.Option("--cocoon", help="The node's cocoon binary: records what `cocoon version` prints."),
+    ] = None,
 ) -> None:
     """Print the node's state document (JSON) for a project's `state:`; no secrets, no local paths."""
     try:
-        state = api.export_state(root, _environment(), root_dir, run_dir, cni_conf_dir)
+        state = api.export_state(root, _environment(), root_dir, run_dir, cni_conf_dir, cocoon)
     except CocoonplanError as exc:
         raise _fail(exc) from exc
     sys.stdout.write(encode_state(state))

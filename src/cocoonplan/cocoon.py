@@ -10,13 +10,60 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+
+from cocoonplan.units import GIB, MAX_SIZE, MIB
+
+MIN_MEMORY = 512 * MIB
+"""cocoon's ``VMConfig.Validate`` minimum, for runs and clones alike."""
+MIN_STORAGE = 10 * GIB
+"""cocoon's minimum COW disk size."""
+MAX_VCPUS = 1024
+"""KVM's ``KVM_MAX_VCPUS`` on x86-64 (Linux 5.15 on): Cloud Hypervisor cannot create more
+vCPUs, so neither a VM nor a host (its ``--cpus max=``) may count more."""
+MAX_NICS = 32
+"""Cloud Hypervisor plugs every virtio device into PCI segment 0, whose 32 slots NICs share
+with disks, rng, watchdog, balloon and console: more NICs cannot be plugged."""
+MAX_QUEUE_SIZE = 32768
+"""virtio's largest queue size (1.2, §2.7): Cloud Hypervisor refuses a larger one."""
+NETWORK_NAME = r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$"
+"""libcni's network name syntax (``ValidateNetworkName``); cocoon passes the name on."""
+_PATH_PART = re.compile(r"[A-Za-z0-9._+@~-]+")
+
+VCpus = Annotated[StrictInt, Field(ge=1, le=MAX_VCPUS)]
+"""A vCPU or host CPU count; strict, so that ``true`` is not read as 1."""
+NicCount = Annotated[StrictInt, Field(ge=0, le=MAX_NICS)]
+QueueSize = Annotated[StrictInt, Field(ge=1, le=MAX_QUEUE_SIZE)]
+
+
+def normal_path(path: str) -> str:
+    """``path`` normalized, or ValueError: absolute, without ``..``, and made of characters
+    that mean nothing in the launch line and option lists it is copied into (``path=…,``)."""
+    if not path.startswith("/"):
+        raise ValueError(f"{path!r} must be an absolute path")
+    parts = [part for part in path.split("/") if part not in ("", ".")]
+    if ".." in parts:
+        raise ValueError(f"{path!r} must not contain ..")
+    if not all(_PATH_PART.fullmatch(part) for part in parts):
+        raise ValueError(f"{path!r} may hold only letters, digits and ._+@~- between its slashes")
+    return "/" + "/".join(parts)
+
 
 BLOB_PATH = re.compile(r"^(?P<root>/.*)/oci/blobs/(?P<hex>[0-9a-f]{64})\.erofs$")
 BOOT_PATH = re.compile(r"^(?P<root>/.*)/oci/boot/(?P<hex>[0-9a-f]{64})/(?P<file>vmlinuz|initrd\.img)$")
 COW_SERIAL = "cocoon-cow"
 DEFAULT_QUEUE_SIZE = 512
+
+
+class MetadataEngine(StrEnum):
+    """Where a cocoon root keeps its metadata; values are the wire strings (cocoon's ``meta_backend``)."""
+
+    JSON = "json"
+    """``vms.json``, ``images.json``, ``snapshots.json``: v0.3.8, and later roots not yet converted."""
+    SQLITE = "sqlite"
+    """``meta/meta.db``: a root set up by a later release, or converted by ``cocoon meta convert``."""
 
 
 class DiskRole(StrEnum):
@@ -65,10 +112,10 @@ class SnapshotMeta(Wire):
 class SnapshotFile(Wire):
     """One ``files`` entry of a snapshot config blob."""
 
-    mode: int | None = None
+    mode: StrictInt | None = Field(default=None, ge=0, le=0o7777)
     sparse_map: str | None = Field(default=None, alias="sparseMap")
-    sparse_size: int | None = Field(default=None, alias="sparseSize")
-    size: int | None = None
+    sparse_size: StrictInt | None = Field(default=None, alias="sparseSize", ge=0, le=MAX_SIZE)
+    size: StrictInt | None = Field(default=None, ge=0, le=MAX_SIZE)
 
 
 class SnapshotConfig(Wire):
@@ -83,12 +130,14 @@ class SnapshotConfig(Wire):
     image_blob_ids: frozenset[str] = Field(default=frozenset(), alias="imageBlobIds")
     """A set of layer hexes, never an order: epoch writes ``{hex: {}}``, others a sorted array."""
     hypervisor: str | None = None
-    cpu: int = 0
-    memory: int = 0
-    storage: int = 0
-    nics: int = 0
-    network: str | None = None
-    windows: bool = False
+    # The source VM's settings, which cocoon accepted: epoch omits only zero values, which
+    # no VM has, so cpu, memory and storage are required and held to cocoon's own bounds.
+    cpu: VCpus
+    memory: StrictInt = Field(ge=MIN_MEMORY, le=MAX_SIZE)
+    storage: StrictInt = Field(ge=MIN_STORAGE, le=MAX_SIZE)
+    nics: NicCount = 0
+    network: str | None = Field(default=None, pattern=NETWORK_NAME)
+    windows: StrictBool = False
     files: dict[str, SnapshotFile] = Field(default_factory=dict)
     created_at: str | None = Field(default=None, alias="createdAt")
 
@@ -131,9 +180,13 @@ def storage_config_problems(configs: tuple[StorageConfig, ...]) -> list[tuple[in
             problems.append(
                 (index, f"data disk {config.serial} has fstype none but mount point {config.mount_point}")
             )
-        mount = config.mount_point or ""
-        if mount and (not mount.startswith("/") or "\0" in mount or "\n" in mount):
-            problems.append((index, f"data disk {config.serial} has an invalid mount point {mount!r}"))
+        if config.mount_point:
+            try:
+                normal_path(config.mount_point)
+            except ValueError:
+                problems.append(
+                    (index, f"data disk {config.serial} has an invalid mount point {config.mount_point!r}")
+                )
         if not DATA_DISK_NAME.fullmatch(config.serial) or config.serial.startswith("cocoon-"):
             problems.append((index, f"data disk serial {config.serial!r} is not a valid data disk name"))
     if not any(c.role is DiskRole.COW for c in configs):

@@ -14,10 +14,26 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from cocoonplan.bounded import (
+    MAX_ALIAS_NODES,
+    MAX_DEPTH,
+    MAX_YAML_BYTES,
+    MAX_YAML_NODES,
+    BoundedLoader,
+    InputLimitError,
+    YAMLLimitError,
+    read_limited,
+)
 from cocoonplan.errors import SpecError
 
 Location = tuple[int, int]
 """1-based (line, column)."""
+YAML_BOUNDS = (
+    f"YAML files of at most {MAX_YAML_BYTES >> 20} MiB and {MAX_YAML_NODES} nodes ({MAX_ALIAS_NODES} "
+    f"through aliases), nested at most {MAX_DEPTH} levels deep"
+)
+LIMITS_HINT = f"cocoonplan reads only {YAML_BOUNDS}: keep the file within them"
+MALFORMED_HINT = "fix the YAML there (quote a value YAML would read as another type, such as a date)"
 
 
 @dataclass(frozen=True)
@@ -63,8 +79,13 @@ def _mark(node: yaml.Node) -> Location:
     return node.start_mark.line + 1, node.start_mark.column + 1
 
 
+def limit_error(exc: YAMLLimitError, file: str, hint: str = LIMITS_HINT) -> SpecError:
+    """The SpecError for a YAML document of ``file`` that exceeds a bound, where it does."""
+    return SpecError(f"YAML refused: {exc}", file=file, line=exc.line, column=exc.column, hint=hint)
+
+
 def _convert(
-    loader: yaml.SafeLoader,
+    loader: BoundedLoader,
     node: yaml.Node,
     path: tuple[str | int, ...],
     marks: dict[tuple[str | int, ...], Location],
@@ -91,8 +112,11 @@ def _convert(
 
 
 def parse_documents(text: str, file: str) -> Iterator[LocatedDocument]:
-    """Yield each non-empty YAML document of ``text``; ``file`` names it in errors."""
-    loader = yaml.SafeLoader(text)
+    """Yield each non-empty YAML document of ``text``; ``file`` names it in errors.
+
+    Documents are read within the bounds of :class:`~cocoonplan.bounded.BoundedLoader`, so
+    walking them here (aliases and ``<<`` merges expanded) stays within them too."""
+    loader = BoundedLoader(text)
     try:
         while loader.check_node():
             node = loader.get_node()
@@ -102,22 +126,35 @@ def parse_documents(text: str, file: str) -> Iterator[LocatedDocument]:
             data = _convert(loader, node, (), marks, file)
             if data is not None:
                 yield LocatedDocument(file=file, data=data, start=_mark(node), marks=marks)
+    except YAMLLimitError as exc:
+        raise limit_error(exc, file) from exc
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, column = (mark.line + 1, mark.column + 1) if mark else (None, None)
         raise SpecError(
-            f"malformed YAML: {exc.problem or exc.context}", file=file, line=line, column=column
+            f"malformed YAML: {exc.problem or exc.context}",
+            file=file,
+            line=line,
+            column=column,
+            hint=MALFORMED_HINT,
         ) from exc
     except yaml.YAMLError as exc:
-        raise SpecError(f"malformed YAML: {exc}", file=file) from exc
+        raise SpecError(f"malformed YAML: {exc}", file=file, hint=MALFORMED_HINT) from exc
     finally:
         loader.dispose()
 
 
-def read_documents(path: Path, display: str) -> list[LocatedDocument]:
-    """Read and parse a YAML file; ``display`` is the (relative) name used in messages."""
+def read_yaml(path: Path, display: str, hint: str = LIMITS_HINT) -> str:
+    """The text of a YAML file of at most MAX_YAML_BYTES; SpecError naming ``display`` otherwise,
+    with ``hint`` for a file too large."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return read_limited(path, MAX_YAML_BYTES).decode("utf-8")
+    except InputLimitError as exc:
+        raise SpecError(f"the file is {exc}", file=display, hint=hint) from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(f"cannot read file: {exc}", file=display) from exc
-    return list(parse_documents(text, display))
+
+
+def read_documents(path: Path, display: str) -> list[LocatedDocument]:
+    """Read and parse a YAML file; ``display`` is the (relative) name used in messages."""
+    return list(parse_documents(read_yaml(path, display), display))

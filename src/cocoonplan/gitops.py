@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from collections.abc import Collection
 from pathlib import Path
 
-from cocoonplan.errors import PlanError
+from cocoonplan import bounded
+from cocoonplan.atomic import check_target, read_bounded, remove_file, update_file
+from cocoonplan.bounded import InputLimitError
+from cocoonplan.errors import CocoonplanError
+from cocoonplan.model import NAME_PATTERN
 from cocoonplan.planner.model import Action, ConfigOrigin, Plan, VMPlan
 
 RENDERED_FILES = (
@@ -20,6 +25,14 @@ RENDERED_FILES = (
 )
 CONFIG_FILES = {ConfigOrigin.WRITTEN: "config.json", ConfigOrigin.DERIVED: "config.derived.json"}
 """A config cocoon writes is ``config.json``; one derived from launch arguments says so in its name."""
+MANIFEST = ".cocoonplan-render.json"
+"""The files ``render --dir`` wrote into the directory: the only ones it ever removes."""
+MANIFEST_KIND = "cocoonplan/render-manifest"
+MANIFEST_VERSION = 1
+MAX_MANIFEST_BYTES = 4 << 20
+_NAME = NAME_PATTERN.removeprefix("^").removesuffix("$")
+_OWNABLE = re.compile(rf"{_NAME}/{_NAME}/(?:{'|'.join(map(re.escape, RENDERED_FILES))})")
+"""The paths render writes, so the only ones a manifest may list."""
 
 
 def _json(value: object) -> str:
@@ -55,53 +68,99 @@ def render_tree(plan: Plan) -> dict[str, str]:
     }
 
 
-def _inside(directory: Path, relative: str) -> Path:
-    # Node and VM names are checked against cocoon's name syntax; this is the last guard.
-    target = (directory / relative).resolve()
-    if not target.is_relative_to(directory.resolve()):
-        raise PlanError(f"rendered path {relative!r} would leave {directory}", hint="rename the node or VM")
-    return target
+def _vm_of(path: str) -> tuple[str, str]:
+    node, vm, _ = path.split("/")
+    return node, vm
 
 
-def existing_tree(directory: Path) -> dict[str, str]:
-    """The rendered files already under ``directory``."""
-    if not directory.is_dir():
-        return {}
-    return {
-        p.relative_to(directory).as_posix(): p.read_text()
-        for p in directory.glob("*/*/*")
-        if p.is_file() and p.name in RENDERED_FILES
-    }
-
-
-def _stale(plan: Plan, directory: Path, keep: Collection[tuple[str, str]]) -> list[str]:
-    # Files of a VM that a spec outside the rendered paths defines are not this render's to remove.
-    wanted = render_tree(plan)
-    return [p for p in existing_tree(directory) if p not in wanted and tuple(p.split("/")[:2]) not in keep]
-
-
-def differences(plan: Plan, directory: Path, keep: Collection[tuple[str, str]] = ()) -> list[str]:
-    """Paths whose committed content differs from the plan: changed, missing, or stale (files of
-    VMs no spec defines; ``keep`` lists (node, VM) pairs defined elsewhere)."""
-    wanted = render_tree(plan)
-    have = existing_tree(directory)
-    return sorted(
-        [f"changed: {p}" for p in wanted if p in have and have[p] != wanted[p]]
-        + [f"missing: {p}" for p in wanted if p not in have]
-        + [f"stale:   {p}" for p in _stale(plan, directory, keep)]
+def _manifest_error(path: Path, problem: str) -> CocoonplanError:
+    return CocoonplanError(
+        f"{path}: not a render manifest cocoonplan can trust: {problem}",
+        hint="it lists the files `render` wrote here; restore it from version control, or delete it "
+        "(render then removes no file until it has written it again)",
     )
 
 
-def write_tree(plan: Plan, directory: Path, keep: Collection[tuple[str, str]] = ()) -> list[str]:
-    """Write the rendered files and remove stale ones; returns the paths that changed."""
-    changed = differences(plan, directory, keep)
+def read_manifest(directory: Path) -> set[str]:
+    """The files an earlier ``render`` wrote under ``directory``: none without a manifest.
+
+    Every entry must be a path render writes (``<node>/<vm>/<rendered file>``, names in cocoon's
+    syntax, so never hidden and never ``..``): an edited manifest cannot make render remove
+    anything else.
+    """
+    path = directory / MANIFEST
+    data = read_bounded(directory, MANIFEST, MAX_MANIFEST_BYTES)
+    if data is None:
+        return set()
+    try:
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise InputLimitError(f"larger than {MAX_MANIFEST_BYTES} bytes")
+        document = bounded.loads(data)
+    except InputLimitError as exc:
+        raise _manifest_error(path, str(exc)) from exc
+    known = isinstance(document, dict) and (document.get("kind"), document.get("format_version")) == (
+        MANIFEST_KIND,
+        MANIFEST_VERSION,
+    )
+    files = document.get("files") if known else None
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        raise _manifest_error(path, f"not a {MANIFEST_KIND} document of format_version {MANIFEST_VERSION}")
+    if foreign := [f for f in files if not _OWNABLE.fullmatch(f)]:
+        raise _manifest_error(path, f"it lists {foreign[0]!r}, which render never writes")
+    return set(files)
+
+
+def _record(directory: Path, files: Collection[str]) -> None:
+    document = {"kind": MANIFEST_KIND, "format_version": MANIFEST_VERSION, "files": sorted(files)}
+    update_file(directory, MANIFEST, _json(document))
+
+
+def _present(directory: Path, relative: str) -> bool:
+    path = directory / relative
+    return path.is_symlink() or path.exists()
+
+
+def _stale(
+    plan: Plan, directory: Path, owned: Collection[str], keep: Collection[tuple[str, str]]
+) -> list[str]:
+    # Only files render wrote itself; those of a VM a spec outside the rendered paths defines
+    # are not this render's to remove.
+    wanted = render_tree(plan)
+    return sorted(p for p in owned if p not in wanted and _vm_of(p) not in keep and _present(directory, p))
+
+
+def differences(plan: Plan, directory: Path, keep: Collection[tuple[str, str]] = ()) -> list[str]:
+    """Paths whose committed content differs from the plan: changed, missing, or stale (files an
+    earlier render wrote for VMs no spec defines; ``keep`` lists (node, VM) pairs defined
+    elsewhere). Files render did not write are never stale."""
+    report = []
     for path, text in render_tree(plan).items():
-        target = _inside(directory, path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if not target.exists() or target.read_text() != text:
-            temp = target.with_name(f".{target.name}.tmp")
-            temp.write_text(text)
-            temp.replace(target)
-    for path in _stale(plan, directory, keep):
-        _inside(directory, path).unlink()
+        data = text.encode()
+        current = read_bounded(directory, path, len(data))
+        if current != data:
+            report.append(f"{'missing' if current is None else 'changed'}: {path}")
+    stale = _stale(plan, directory, read_manifest(directory), keep)
+    return sorted(report + [f"stale:   {p}" for p in stale])
+
+
+def write_tree(plan: Plan, directory: Path, keep: Collection[tuple[str, str]] = ()) -> list[str]:
+    """Write the rendered files and remove the stale ones; returns the paths that changed.
+
+    Every path is checked first, so a link or special file in the way fails the render before
+    anything is written; each file is written atomically and never through a link
+    (:mod:`cocoonplan.atomic`).
+    """
+    changed = differences(plan, directory, keep)
+    wanted = render_tree(plan)
+    owned = read_manifest(directory)
+    stale = _stale(plan, directory, owned, keep)
+    for path in (MANIFEST, *wanted, *stale):
+        check_target(directory, path)
+    # Claimed before written: an interrupted render still knows every file it may have left.
+    _record(directory, owned | wanted.keys())
+    for path, text in wanted.items():
+        update_file(directory, path, text)
+    for path in stale:
+        remove_file(directory, path)
+    _record(directory, (owned - set(stale)) | wanted.keys())
     return changed

@@ -14,8 +14,12 @@ from typing import Literal
 
 from pydantic import ValidationError
 
+from cocoonplan.bounded import InputLimitError, read_limited
 from cocoonplan.errors import SpecError
 from cocoonplan.model import Digest, Model
+
+MAX_LOCK_BYTES = 4 << 20
+"""Largest lock file read: a few hundred bytes a reference."""
 
 
 class RefKind(StrEnum):
@@ -54,14 +58,25 @@ class LockFile(Model):
 
 
 def read_lock(path: Path, display: str) -> LockFile:
-    """Read the lock file; a missing file is an empty lock, a malformed one a SpecError."""
+    """Read the lock file; a missing file is an empty lock, a malformed one a SpecError.
+
+    pydantic's JSON parser bounds nesting (about 200 levels, without recursing in Python) and
+    the digits of numbers itself; the size is bounded here."""
     if not path.exists():
         return LockFile()
     try:
-        return LockFile.model_validate_json(path.read_bytes())
-    except (OSError, ValidationError) as exc:
+        return LockFile.model_validate_json(read_limited(path, MAX_LOCK_BYTES))
+    except (OSError, InputLimitError, ValidationError) as exc:
+        # pydantic's own text spans lines and quotes the input: one line of field: problem.
+        problem = (
+            "; ".join(
+                f"{'.'.join(map(str, e['loc']))}: {e['msg']}" if e["loc"] else e["msg"] for e in exc.errors()
+            )
+            if isinstance(exc, ValidationError)
+            else str(exc)
+        )
         raise SpecError(
-            f"lock file is not valid: {exc}",
+            f"lock file is not valid: {problem}",
             file=display,
             hint="restore it from version control, or delete it and run `cocoonplan lock`",
         ) from exc

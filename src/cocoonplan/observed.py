@@ -2,21 +2,70 @@
 
 This is the document ``cocoonplan state export`` prints and what ``state:`` in the project
 file may point at, so a plan can be made in PR review without access to the node. It is
-secret-free: cocoon never persists VM users or passwords, and nothing else is copied.
+secret-free by construction: it holds only the fields modelled here (cocoon never persists VM
+users or passwords), a run dir's ``config.json`` only the keys of :data:`VM_CONFIG_KEYS`, and
+the readers pass every string through :func:`redact_credentials` before anything sees it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
-from cocoonplan.cocoon import BootConfig, DiskRole, SnapshotMeta, StorageConfig
+from cocoonplan.cocoon import BootConfig, DiskRole, MetadataEngine, SnapshotMeta, StorageConfig
 from cocoonplan.model import NAME_PATTERN, Digest, Mode, Model, canonical_json, sha256_digest
 
 STATE_FORMAT_VERSION = 1
 OWNERSHIP_FILE = "cocoonplan/owned.json"
 """Relative to the node's root dir: the VMs cocoonplan created there."""
+
+VM_CONFIG_KEYS = frozenset(
+    {
+        "balloon", "console", "cpus", "debug_console", "devices", "disks", "fs", "iommu",
+        "landlock_enable", "landlock_rules", "memory", "net", "numa", "payload", "pci_segments",
+        "platform", "pmem", "pvpanic", "rate_limit_groups", "rng", "serial", "tpm", "user_devices",
+        "vdpa", "vsock", "watchdog",
+    }
+)  # fmt: skip
+"""The top-level keys of Cloud Hypervisor v51's ``VmConfig`` as CH serialises it into a
+snapshot's ``config.json`` (``vmm/src/vm_config.rs``): every property of ``VmConfig`` in CH's
+OpenAPI document, plus ``user_devices``, which CH serialises and the document leaves out.
+
+Written out, not read from the OpenAPI document: that is test data, never shipped (a test
+checks the two agree). A run dir's config.json is whatever is on the node; a key outside
+these (a token another tool put there, a linked docker config's ``auths``) is no part of a
+VmConfig, so it is dropped rather than exported, diffed or rendered."""
+
+_REDACTED = "REDACTED"
+_CREDENTIALS = (
+    # The userinfo of a URL (https://user:token@host/): a cloud image URL, a cloud-init seed
+    # URL on a kernel cmdline.
+    (re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/?#@\s]+@"), rf"\1{_REDACTED}@"),
+    # systemd credentials handed to a guest on its kernel cmdline…
+    (re.compile(r'(\bsystemd\.set_credential(?:_binary)?=)(?:"[^"]*"|\S+)'), rf"\1{_REDACTED}"),
+    # …or in an SMBIOS OEM string (CH's platform.oem_strings), which is the whole string.
+    (re.compile(r"(\bio\.systemd\.credential(?:\.binary)?:).+"), rf"\1{_REDACTED}"),
+)
+
+
+def redact_credentials(value: Any) -> Any:
+    """``value`` (parsed JSON or text) with every credential its strings carry, keys included
+    (errors quote them), replaced by ``REDACTED``; idempotent."""
+    if isinstance(value, str):
+        for pattern, replacement in _CREDENTIALS:
+            value = pattern.sub(replacement, value)
+        return value
+    if isinstance(value, dict):
+        return {redact_credentials(key): redact_credentials(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [redact_credentials(item) for item in value]
+    return value
+
+
+def _vm_config_only(config: dict[str, Any] | None) -> dict[str, Any] | None:
+    return None if config is None else {k: v for k, v in config.items() if k in VM_CONFIG_KEYS}
 
 
 class NicAddress(Model):
@@ -90,7 +139,8 @@ class ObservedVM(Model):
     snapshot_ids: tuple[str, ...] = ()
     """Snapshots taken from this VM (``snapshot save``); ``vm restore`` needs one of them."""
     run_dir: str = ""
-    runtime_config: dict[str, Any] | None = None
+    # Only the keys of VM_CONFIG_KEYS are kept, however the model is made.
+    runtime_config: Annotated[dict[str, Any] | None, AfterValidator(_vm_config_only)] = None
     """``<run>/config.json`` (clones and restores only), key order kept."""
     runtime_config_sha256: Digest | None = None
     """sha256 of the ``config.json`` bytes as they are on the node."""
@@ -180,6 +230,12 @@ class NodeState(Model):
     dir given to ``state export --cni-conf-dir``; None when not read or when it has none."""
     boot_files: tuple[str, ...] = ()
     """Boot files extracted from layers, as ``<layer hex>/vmlinuz`` or ``<layer hex>/initrd.img``."""
+    metadata_engine: MetadataEngine | None = None
+    """Where the root keeps its metadata; None for a root that holds none yet."""
+    later_layout: bool = False
+    """A JSON-metadata root written by a cocoon after v0.3.8 (``.prev`` generations, per-VM locks)."""
+    cocoon_version: str | None = None
+    """What ``cocoon version`` printed on the node when the state was exported; None when not run."""
 
     def vm_named(self, name: str) -> ObservedVM | None:
         """The VM of that name on the node, if any."""

@@ -2,28 +2,30 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from pydantic import ValidationError
 
+from cocoonplan.atomic import write_atomic
+from cocoonplan.bounded import InputLimitError, loads, read_limited
 from cocoonplan.errors import PlanFormatError
 from cocoonplan.planner.model import FORMAT_VERSION, Plan
 from cocoonplan.render.document import plan_document, render_json
 
+MAX_PLAN_BYTES = 64 << 20
+"""Largest plan file read: about 25 KiB a VM, so room for thousands of VMs."""
+
 
 def write_plan(plan: Plan, path: Path) -> None:
-    """Write the plan document; the file is replaced only once fully written."""
-    temp = path.with_name(path.name + ".tmp")
-    temp.write_text(render_json(plan_document(plan)))
-    temp.replace(path)
+    """Write the plan document, atomically and never through a link (:mod:`cocoonplan.atomic`)."""
+    write_atomic(path.parent, path.name, render_json(plan_document(plan)))
 
 
 def read_plan(path: Path) -> Plan:
     """Read a plan document, refusing other format versions, malformed files and edited ones."""
     try:
-        data = json.loads(path.read_bytes())
-    except (OSError, ValueError) as exc:
+        data = loads(read_limited(path, MAX_PLAN_BYTES))
+    except (OSError, InputLimitError) as exc:
         raise PlanFormatError(
             f"{path}: cannot read the plan file: {exc}", hint="write one with `cocoonplan plan --out FILE`"
         ) from exc

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
+from ipaddress import AddressValueError, IPv4Address
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, StrictBool, field_validator, model_validator
 
+from cocoonplan.cocoon import NETWORK_NAME, VCpus, normal_path
 from cocoonplan.model import NAME_PATTERN, Model
+from cocoonplan.releases import line_of
 
 PROJECT_FILE = "cocoonplan.yaml"
 LOCK_FILE = "cocoonplan.lock"
@@ -41,6 +44,15 @@ class Arch(StrEnum):
     ARM64 = "arm64"
 
 
+class HypervisorBuild(StrEnum):
+    """A node's Cloud Hypervisor build; values are the wire strings."""
+
+    UPSTREAM = "upstream"
+    """A stock release: refuses ``memory_restore_mode: CopyOnWrite`` (cocoon's ``mmap``)."""
+    COCOONSTACK = "cocoonstack"
+    """cocoonstack's fork (``cocoon doctor --upgrade``): accepts ``CopyOnWrite``."""
+
+
 class NodeConfig(Model):
     """One cocoon node: its settings and where its state can be read from here."""
 
@@ -53,21 +65,54 @@ class NodeConfig(Model):
     state document (relative to the project file). Without it the node is taken as empty."""
     arch: Arch = Arch.AMD64
     """The node's CPU architecture: cocoon pulls ``linux/<arch>`` from a multi-platform index."""
-    cpus: int = Field(ge=1)
+    cpus: VCpus
     """Host CPU count (required): cocoon launches with ``--cpus max=<host CPUs>``, pins queues by
     it, and refuses a VM with more vCPUs."""
-    hugepages: bool = False
+    hugepages: StrictBool = False
     """Whether ``/proc/sys/vm/nr_hugepages`` is above 0 on the node (adds ``hugepages=on``)."""
     dns: tuple[str, ...] = ("8.8.8.8", "1.1.1.1")
-    """cocoon's ``--dns`` setting; the first two go into static ``ip=`` kernel parameters."""
-    default_network: str | None = Field(default=None, alias="defaultNetwork", min_length=1)
+    """cocoon's ``--dns`` setting: at most the two IPv4 addresses cocoon puts into static ``ip=``
+    kernel parameters."""
+    default_network: str | None = Field(default=None, alias="defaultNetwork", pattern=NETWORK_NAME)
     """The CNI conflist name cocoon records for a VM given no ``--network``; overrides
     ``cniConfDir`` and the state's ``default_network``."""
     cni_conf_dir: str | None = Field(default=None, alias="cniConfDir")
     """A copy of the node's ``--cni-conf-dir`` (relative to the project file), read with
     cocoon's rule to find the default network when ``defaultNetwork`` is not given."""
+    cocoon_version: str | None = Field(default=None, alias="cocoonVersion")
+    """The cocoon release the node runs (``cocoon version``); overrides the exported state's
+    and what the root's layout shows."""
+    cloud_hypervisor: HypervisorBuild = Field(default=HypervisorBuild.UPSTREAM, alias="cloudHypervisor")
+    """Which Cloud Hypervisor build the node runs: it decides whether cocoon's ``mmap`` restore works."""
+
+    @field_validator("cocoon_version")
+    @classmethod
+    def _known_version(cls, version: str | None) -> str | None:
+        if version is not None:
+            line_of(version)  # raises ValueError naming the version and the supported lines
+        return version
 
     model_config = Model.model_config | {"populate_by_name": True}
+
+    @field_validator("root_dir", "run_dir")
+    @classmethod
+    def _host_path(cls, path: str | None) -> str | None:
+        # Every planned path and the launch line are built from these.
+        return None if path is None else normal_path(path)
+
+    @field_validator("dns")
+    @classmethod
+    def _dns_addresses(cls, dns: tuple[str, ...]) -> tuple[str, ...]:
+        # Entries are copied into the kernel cmdline's ip= parameter, whose fields are
+        # colon-separated IPv4 addresses: anything else would add parameters or fields.
+        if len(dns) > 2:
+            raise ValueError("cocoon uses the first two dns entries only; list at most two")
+        for entry in dns:
+            try:
+                IPv4Address(entry)
+            except AddressValueError as exc:
+                raise ValueError(f"dns entry {entry!r} is not an IPv4 address") from exc
+        return dns
 
     @property
     def effective_run_dir(self) -> str:

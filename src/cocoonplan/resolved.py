@@ -14,6 +14,7 @@ from cocoonplan.cocoon import SnapshotConfig, SnapshotMeta
 from cocoonplan.model import Digest, Model
 from cocoonplan.observed import NodeState
 from cocoonplan.project import NodeConfig
+from cocoonplan.releases import CocoonVersion
 
 
 class BlobRef(Model):
@@ -105,5 +106,7 @@ class NodeView(Model):
     """None when the node's state is not known: nothing can be decided about its VMs."""
     bases: dict[str, RunningBase] = Field(default_factory=dict)
     """By VM ID: the base each running VM must be on; a VM missing here cannot be checked for layer drift."""
+    cocoon: CocoonVersion | None = None
+    """The node's cocoon release and planning line; None when neither set nor known from its state."""
     default_network: str | None = None
     """The network cocoon records for a VM given no ``--network`` on this node; None when unknown."""

@@ -13,16 +13,30 @@ import re
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BeforeValidator, Field, WithJsonSchema, field_validator, model_validator
+from pydantic import (
+    BeforeValidator,
+    Field,
+    StrictBool,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
+from cocoonplan.cocoon import (
+    MIN_MEMORY,
+    MIN_STORAGE,
+    NETWORK_NAME,
+    NicCount,
+    QueueSize,
+    VCpus,
+    normal_path,
+)
 from cocoonplan.errors import ReferenceFormatError
 from cocoonplan.model import NAME_PATTERN, Model
 from cocoonplan.oci.reference import Reference, parse_reference
-from cocoonplan.units import GIB, MIB, parse_size
+from cocoonplan.units import MAX_SIZE, MIB, parse_size
 
 VM_KIND = "VM"
-MIN_MEMORY = 512 * MIB
-MIN_STORAGE = 10 * GIB
 MIN_DATA_DISK = 16 * MIB
 DATA_DISK_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,19}$")
 
@@ -33,7 +47,7 @@ Size = Annotated[
         {
             "anyOf": [
                 {"type": "string", "pattern": r"^\d+(\.\d+)? ?[kKmMgGtTpP]?[iI]?[bB]?$"},
-                {"type": "integer", "minimum": 0},
+                {"type": "integer", "minimum": 0, "maximum": MAX_SIZE},
             ],
             "description": "bytes, or a number with a binary unit as cocoon reads it (1G = 1073741824)",
         }
@@ -56,12 +70,15 @@ class PowerState(StrEnum):
 
 
 class RestoreMode(StrEnum):
-    """How a clone's guest memory is restored (cocoon v0.3.8: ``--on-demand`` or not)."""
+    """How a clone's guest memory is restored (``--restore-mode``; v0.3.8: ``--on-demand`` or not)."""
 
     COPY = "copy"
     """The whole memory file is read before the guest resumes (no ``memory_restore_mode``)."""
     ONDEMAND = "ondemand"
     """Pages are faulted in on first use (``memory_restore_mode: OnDemand``)."""
+    MMAP = "mmap"
+    """The memory file is mapped copy-on-write (``CopyOnWrite``): cocoon v0.6's default, which
+    only cocoonstack's Cloud Hypervisor build accepts."""
 
 
 class FsType(StrEnum):
@@ -109,12 +126,18 @@ class DataDisk(Model):
             raise ValueError(f"data disk size {size} bytes is below cocoon's minimum of 16M")
         return size
 
+    @field_validator("mount")
+    @classmethod
+    def _check_mount_point(cls, mount: str | None) -> str | None:
+        # Checked, not normalized: cocoon records the mount point as given.
+        if mount:
+            normal_path(mount)
+        return mount
+
     @model_validator(mode="after")
     def _check_mount(self) -> DataDisk:
         if self.fstype is FsType.NONE and self.mount:
             raise ValueError("a data disk with fstype none cannot have a mount point")
-        if self.mount and (not self.mount.startswith("/") or "\n" in self.mount or "\0" in self.mount):
-            raise ValueError(f"mount point {self.mount!r} must be an absolute path")
         return self
 
     @property
@@ -161,24 +184,24 @@ class VMSpecBody(Model):
     """Hypervisor; only ``cloud-hypervisor`` is planned for now."""
     state: PowerState = PowerState.RUNNING
     """Power state: a stopped VM keeps its disks and record (``cocoon vm stop``)."""
-    cpu: int | None = Field(default=None, ge=1)
+    cpu: VCpus | None = None
     """vCPUs; run default 2, clone default the snapshot's (and never below it)."""
     memory: Size | None = None
     """Guest memory; run default 1G, at least 512M; clone default the snapshot's."""
     storage: Size | None = None
     """COW disk size; run default 10G, at least 10G; clone default the snapshot's."""
-    nics: int | None = Field(default=None, ge=0)
+    nics: NicCount | None = None
     """Number of NICs; run default 1, 0 for none; clone default the snapshot's."""
-    network: str | None = None
-    """cocoon network (CNI conflist) name; empty means cocoon's default."""
-    queue_size: int | None = Field(default=None, alias="queueSize", ge=1)
+    network: str | None = Field(default=None, pattern=NETWORK_NAME)
+    """cocoon network (CNI conflist) name; unset means the node's default."""
+    queue_size: QueueSize | None = Field(default=None, alias="queueSize")
     """virtio-net queue size; cocoon's default 512."""
-    disk_queue_size: int | None = Field(default=None, alias="diskQueueSize", ge=1)
+    disk_queue_size: QueueSize | None = Field(default=None, alias="diskQueueSize")
     """virtio-blk queue size; cocoon's default 512."""
-    no_direct_io: bool | None = Field(default=None, alias="noDirectIO")
+    no_direct_io: StrictBool | None = Field(default=None, alias="noDirectIO")
     """Turn O_DIRECT off for writable disks; unset: off for runs, a local snapshot's setting for clones."""
-    restore_mode: RestoreMode = Field(default=RestoreMode.COPY, alias="restoreMode")
-    """Clones only: how guest memory is restored."""
+    restore_mode: RestoreMode | None = Field(default=None, alias="restoreMode")
+    """Clones only: how guest memory is restored; unset: cocoon's default for the node's version."""
     data_disks: tuple[DataDisk, ...] = Field(default=(), alias="dataDisks")
     """Run mode only: extra disks, after the COW disk, in this order."""
     expect: Expectations | None = None
@@ -219,7 +242,7 @@ class VMSpecBody(Model):
     def _one_source(self) -> VMSpecBody:
         if (self.snapshot is None) == (self.image is None):
             raise ValueError("give exactly one of snapshot (clone mode) or image (run mode)")
-        if self.image is not None and self.restore_mode is not RestoreMode.COPY:
+        if self.image is not None and self.restore_mode is not None:
             raise ValueError("restoreMode applies to clones only: a run boots fresh")
         if self.snapshot is not None and self.data_disks:
             raise ValueError("dataDisks cannot be set on a clone: cocoon clones the snapshot's data disks")
@@ -238,6 +261,15 @@ class Metadata(Model):
     """VM name, unique on its node (cocoon's ``^[a-zA-Z0-9][a-zA-Z0-9._-]{0,62}$``)."""
     labels: dict[str, str] = Field(default_factory=dict)
     """Free-form labels, carried into the plan for display."""
+
+    @field_validator("labels")
+    @classmethod
+    def _printable_labels(cls, labels: dict[str, str]) -> dict[str, str]:
+        # Labels are shown to reviewers: an escape sequence or line break has no place there.
+        bad = [text for item in labels.items() for text in item if not text.isprintable()]
+        if bad:
+            raise ValueError(f"labels may hold printable characters only, not {bad[0]!r}")
+        return labels
 
 
 class VMSpec(Model):

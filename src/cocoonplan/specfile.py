@@ -10,7 +10,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from cocoonplan.document import LocatedDocument, read_documents
+from cocoonplan.bounded import BoundedLoader, YAMLLimitError
+from cocoonplan.document import YAML_BOUNDS, LocatedDocument, limit_error, read_documents, read_yaml
 from cocoonplan.errors import CocoonplanError, SpecError
 from cocoonplan.project import PROJECT_FILE
 from cocoonplan.spec import VM_KIND, LoadedSpec, VMSpec
@@ -20,6 +21,11 @@ API_GROUP = "cocoonplan/"
 """The prefix of every apiVersion cocoonplan defines; a document under it is cocoonplan's to judge."""
 PROJECT_KIND = "Project"
 KNOWN_KINDS = (VM_KIND, PROJECT_KIND)
+SCAN_HINT = (
+    "cocoonplan reads every *.yaml and *.yml file of the project, to know which VMs are still "
+    f"defined, and only {YAML_BOUNDS}: keep the file within them, or move it out of the project "
+    "or into a hidden directory"
+)
 VM_SHAPE = (("metadata", "name"), ("spec", "node"))
 """Keys a VM spec always has; with ``spec.snapshot`` or ``spec.image`` they make a kind-less
 document recognisably a VM spec."""
@@ -126,18 +132,27 @@ def _defines_vm(data: object) -> bool:
 
 
 def index_project(directory: Path) -> ProjectIndex:
-    """Scan every YAML file under the project, leniently: a file that does not parse names nothing.
+    """Scan every YAML file under the project, leniently: a file that is not YAML names nothing.
 
     This answers "does any spec still define this VM / use this reference?", so that planning
     or locking part of a repo never deletes a VM, or drops a lock entry, that a spec elsewhere
     still needs. Validation is left to the files actually planned.
+
+    A file that cannot be read, or exceeds the bounds YAML is read within, is a SpecError
+    naming it: skipped, it would name nothing, and a VM it defines could be deleted as no
+    longer defined. Only malformed YAML is still skipped: other tools' templates (a Helm
+    chart's, say) are not YAML until rendered, and refusing them would refuse such repos.
     """
     vms: set[tuple[str, str]] = set()
     references: set[str] = set()
+    base = directory.resolve()
     for file in spec_files([directory], directory):
+        display = file.relative_to(base).as_posix()
         try:
-            documents = list(yaml.safe_load_all(file.read_text(encoding="utf-8")))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            documents = list(yaml.load_all(read_yaml(file, display, SCAN_HINT), Loader=BoundedLoader))
+        except YAMLLimitError as exc:
+            raise limit_error(exc, display, SCAN_HINT) from exc
+        except yaml.YAMLError:
             continue
         for document in documents:
             if not _defines_vm(document):

@@ -10,6 +10,11 @@ The flow reacts to what the registry asks for in its 401 ``WWW-Authenticate`` ch
 
 Each request is retried at most once; there is no retry loop. A token endpoint that refuses
 raises RegistryError naming the realm and the scope.
+
+The token request is part of the request it authenticates: it carries that request's
+extensions (the client's timeouts and the registry store's deadline), with its own body
+limit under :data:`BODY_LIMIT`. A realm is used only when credentials may be sent there
+(see :meth:`RegistryAuth.realm_url`).
 """
 
 from __future__ import annotations
@@ -22,12 +27,17 @@ from dataclasses import dataclass
 
 import httpx
 
+from cocoonplan.bounded import loads
 from cocoonplan.errors import RegistryError
 from cocoonplan.oci.credentials import Credentials
 
 DEFAULT_TOKEN_SECONDS = 60
 """Token lifetime when the token endpoint does not say (the distribution token spec's default)."""
 _EXPIRY_MARGIN_SECONDS = 5
+MAX_TOKEN_BYTES = 1 << 20
+"""The largest token answer read: registry tokens are JWTs of a few KiB."""
+BODY_LIMIT = "cocoonplan.body_limit"
+"""Request extension: the most bytes a successful answer to the request may have."""
 # Greedy name and anchored tail: a repository may itself contain a "blobs" or "manifests" component.
 _REPOSITORY_PATH = re.compile(r"^/v2/(?P<name>.+)/(?:manifests/[^/]+|blobs/[^/]+|tags/list)$")
 
@@ -131,7 +141,7 @@ class RegistryAuth(httpx.Auth):
         if bearer is not None and "realm" in bearer.params:
             key = scope or bearer.params.get("scope", "")
             self._tokens.pop(key, None)
-            token_response = yield self._token_request(bearer)
+            token_response = yield self._token_request(bearer, request)
             token_response.read()
             token = self._accept_token(token_response, bearer, key)
             request.headers["Authorization"] = f"Bearer {token}"
@@ -153,14 +163,49 @@ class RegistryAuth(httpx.Auth):
             return None
         return token
 
-    def _token_request(self, challenge: Challenge) -> httpx.Request:
+    def _token_request(self, challenge: Challenge, request: httpx.Request) -> httpx.Request:
         params = {key: challenge.params[key] for key in ("service", "scope") if challenge.params.get(key)}
         # copy_merge_params keeps any query the realm already carries (params= would replace it).
-        url = httpx.URL(challenge.params["realm"]).copy_merge_params(params)
+        url = self.realm_url(challenge.params["realm"], request.url).copy_merge_params(params)
         headers = {"Accept": "application/json"}
         if self.credentials is not None:
             headers["Authorization"] = basic_header(self.credentials)
-        return httpx.Request("GET", url, headers=headers)
+        # A request made here gets none of the client's settings: without the original's
+        # extensions it would wait forever on a realm that accepts and never answers.
+        extensions = {**request.extensions, BODY_LIMIT: MAX_TOKEN_BYTES}
+        return httpx.Request("GET", url, headers=headers, extensions=extensions)
+
+    def realm_url(self, realm: str, registry: httpx.URL) -> httpx.URL:
+        """The token endpoint a challenge from ``registry`` names, if credentials may be sent there.
+
+        It must be an absolute http(s) URL with a host and no user name or password, and https
+        whenever the registry is (an http realm is accepted only from a registry cocoonplan
+        already reaches over plain HTTP: loopback or ``insecure``). Other hosts are allowed:
+        Docker Hub's realm is auth.docker.io and GitLab's is gitlab.com, and a registry that
+        could ask for the credentials with Basic gains nothing by naming another host.
+        """
+        origin = f"{registry.scheme}://{registry.netloc.decode('ascii')}"
+        try:
+            url = httpx.URL(realm)
+        except httpx.InvalidURL:
+            url = None
+        if url is None or url.scheme not in ("http", "https") or not url.host:
+            problem, hint = "is not an absolute http(s) URL", "the registry's auth configuration is broken"
+        elif url.userinfo:
+            realm = str(url.copy_with(userinfo=b""))  # never repeat the embedded password
+            problem, hint = "carries a user name or password", "the registry's auth configuration is broken"
+        elif url.scheme == "http" and registry.scheme == "https":
+            problem = f"is plain HTTP, so the credentials for {self.host} would leave TLS"
+            hint = (
+                f"serve the token endpoint over https; or, when {self.host} and its token endpoint are "
+                "only reachable over plain HTTP anyway, list it under insecure: in cocoonplan.yaml"
+            )
+        else:
+            return url
+        raise RegistryError(
+            f"refusing the token realm {realm!r} named by {origin} for {self.host}: it {problem}",
+            hint=f"{hint}; read {self.host} from a mirror or layout under registries: in cocoonplan.yaml",
+        )
 
     def _accept_token(self, response: httpx.Response, challenge: Challenge, key: str) -> str:
         realm = challenge.params["realm"]
@@ -174,11 +219,16 @@ class RegistryAuth(httpx.Auth):
                 "($DOCKER_CONFIG/config.json or ~/.docker/config.json), "
                 f"e.g. with `docker login {self.host}`",
             )
+        if len(response.content) > MAX_TOKEN_BYTES:
+            raise RegistryError(
+                f"token service {realm} sent more than {MAX_TOKEN_BYTES} bytes for {self.host} scope {scope}",
+                hint="the token endpoint must return a small JSON document; check the registry's auth setup",
+            )
         try:
-            body = response.json()
+            body = loads(response.content)  # depth-limited; its InputLimitError is a ValueError
             token = body.get("token") or body.get("access_token")
             lifetime = float(body.get("expires_in") or DEFAULT_TOKEN_SECONDS)
-        except (ValueError, AttributeError, TypeError) as exc:
+        except (ValueError, AttributeError, TypeError, OverflowError) as exc:
             raise RegistryError(
                 f"token service {realm} returned an unreadable answer for {self.host} scope {scope}",
                 hint="the token endpoint must return JSON with token or access_token",

@@ -2,11 +2,14 @@
 
 Guarantees:
 
-* entries live at ``<root>/blobs/sha256/<hex>`` and are written atomically (a unique
-  temporary file, then ``os.replace``), so concurrent writers and crashes never leave a
-  partial entry under its final name;
-* an entry is verified every time it is read; one that fails is deleted and fetched again
-  from the inner store, never trusted;
+* entries live at ``<root>/blobs/sha256/<hex>`` and are written with
+  :mod:`cocoonplan.atomic` (an exclusive temporary file, fsync, ``os.replace``, never through a
+  link), so concurrent writers and crashes never leave a partial entry under its final name;
+* an entry is verified every time it is read; one that fails, or is a link or special file
+  (the cache may be repository-relative, so a pull request can plant anything there), is
+  deleted and fetched again from the inner store, never trusted;
+* a cache that cannot be written (a read-only checkout, a full disk) is not an error: it is
+  warned about once and planning goes on without caching;
 * only content named by a digest is served from the cache. A manifest asked for by tag is
   always asked of the inner store, because tags move, and is then cached under the digest
   it resolved to.
@@ -15,9 +18,15 @@ Guarantees:
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
+from collections.abc import Iterable, Iterator
+from functools import partial
 from pathlib import Path
+from typing import BinaryIO
 
-from cocoonplan.errors import DigestMismatchError, ResolveError
+from cocoonplan.atomic import atomic_writer, open_regular, remove_file
+from cocoonplan.errors import CocoonplanError, DigestMismatchError, ResolveError
 from cocoonplan.oci.manifest import Descriptor, media_type_of
 from cocoonplan.oci.store import (
     MAX_MANIFEST_BYTES,
@@ -26,14 +35,35 @@ from cocoonplan.oci.store import (
     is_digest_selector,
     manifest_name,
 )
-from cocoonplan.oci.verifier import (
-    Verifier,
-    read_chunks,
-    require_sha256,
-    unique_temp_path,
-    verify_bytes,
-    write_verified,
-)
+from cocoonplan.oci.verifier import CHUNK_SIZE, Verifier, read_chunks, require_sha256, verify_bytes
+
+# Warnings of a run that goes on; with logging not configured, Python prints them to stderr.
+_log = logging.getLogger(__name__)
+
+
+def _verified(chunks: Iterable[bytes], verifier: Verifier) -> Iterator[bytes]:
+    """Pass ``chunks`` through ``verifier``; a mismatch raises once the last one is through."""
+    for chunk in chunks:
+        verifier.update(chunk)
+        yield chunk
+    verifier.finish()
+
+
+class _HashingReader(io.RawIOBase):
+    """Reads ``source`` while feeding every byte to ``verifier``."""
+
+    def __init__(self, source: BinaryIO, verifier: Verifier) -> None:
+        self._source = source
+        self._verifier = verifier
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        chunk = self._source.read(len(buffer))
+        self._verifier.update(chunk)
+        buffer[: len(chunk)] = chunk
+        return len(chunk)
 
 
 class BlobCache:
@@ -41,13 +71,57 @@ class BlobCache:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._unwritable = False
 
     def path_for(self, digest: str) -> Path:
         """Where the entry for ``digest`` lives (it may not exist)."""
-        return self.root / "blobs" / "sha256" / require_sha256(digest, "cache entry")
+        return self.root / self._entry(digest)
 
-    def _media_type_path(self, digest: str) -> Path:
-        return self.root / "media-types" / "sha256" / require_sha256(digest, "cache entry")
+    @staticmethod
+    def _entry(digest: str) -> str:
+        return f"blobs/sha256/{require_sha256(digest, 'cache entry')}"
+
+    @staticmethod
+    def _media_type_entry(digest: str) -> str:
+        return f"media-types/sha256/{require_sha256(digest, 'cache entry')}"
+
+    def _open(self, name: str) -> BinaryIO | None:
+        try:
+            return open_regular(self.root, name)
+        except CocoonplanError:
+            self._drop(name)  # a link, FIFO or unreadable entry: not one this cache wrote
+            return None
+
+    def _read(self, name: str, limit: int | None) -> bytes | None:
+        """At most ``limit + 1`` bytes of the entry, so a caller can tell a longer one."""
+        source = self._open(name)
+        if source is None:
+            return None
+        with source, contextlib.suppress(OSError):
+            return source.read() if limit is None else source.read(limit + 1)
+        return None
+
+    def _drop(self, name: str) -> None:
+        # A cache that cannot be changed keeps its bad entry; it is never believed anyway.
+        with contextlib.suppress(CocoonplanError):
+            remove_file(self.root, name)
+
+    def _write(self, name: str, chunks: Iterable[bytes]) -> None:
+        """Store an entry; a DigestMismatchError from ``chunks`` propagates and stores nothing.
+
+        Any other failure turns caching off for the run, with one warning: a plan needs no cache.
+        """
+        if self._unwritable:
+            return
+        try:
+            with atomic_writer(self.root, name) as out:
+                for chunk in chunks:
+                    out.write(chunk)
+        except DigestMismatchError:
+            raise
+        except CocoonplanError as exc:
+            self._unwritable = True
+            _log.warning("warning: not caching in %s, going on without: %s", self.root, exc.summary)
 
     def get(self, digest: str, size: int | None = None, limit: int | None = None) -> bytes | None:
         """Return the verified bytes for ``digest``, or None when absent or corrupt (then deleted).
@@ -55,60 +129,87 @@ class BlobCache:
         With ``limit``, an entry larger than that is not read (None): a manifest looked up by
         a digest that names a multi-GiB layer must not be loaded into memory.
         """
-        path = self.path_for(digest)
-        try:
-            if limit is not None and path.stat().st_size > limit:
-                return None
-            content = path.read_bytes()
-        except FileNotFoundError:
+        name = self._entry(digest)
+        # Read no further than any answer needs: a limit, else one byte past the expected size.
+        content = self._read(name, size if limit is None else limit)
+        if content is None or (limit is not None and len(content) > limit):
             return None
         try:
             return verify_bytes(content, Verifier(digest, size, "cache entry", f"cache {self.root}"))
         except DigestMismatchError:
-            path.unlink(missing_ok=True)
+            self._drop(name)
             return None
 
     def put(self, digest: str, content: bytes) -> None:
         """Store ``content`` under ``digest``; DigestMismatchError if it does not hash to it."""
-        dest = self.path_for(digest)
-        verifier = Verifier(digest, None, "cache entry", "content being cached")
-        write_verified(dest, [content], verifier, temp=unique_temp_path(dest))
+        verify_bytes(content, Verifier(digest, None, "cache entry", "content being cached"))
+        self._write(self._entry(digest), [content])
+
+    def fill(self, descriptor: Descriptor, source: Path) -> None:
+        """Store the blob in the file ``source``, verified again as it is copied."""
+        verifier = Verifier(descriptor.digest, descriptor.size, "cache entry", f"file {source}")
+        self._write(self._entry(descriptor.digest), _verified(read_chunks(source), verifier))
+
+    @contextlib.contextmanager
+    def reading(self, descriptor: Descriptor) -> Iterator[BinaryIO | None]:
+        """The entry as a stream hashed as it is read; None when there is no usable entry.
+
+        When the ``with`` body ends, normally or not, the rest of the entry is read and the
+        whole checked: a mismatch drops the entry and raises DigestMismatchError, so nothing
+        derived from a bad entry outlives the ``with``.
+        """
+        name = self._entry(descriptor.digest)
+        source = self._open(name)
+        if source is None:
+            yield None
+            return
+        verifier = Verifier(descriptor.digest, descriptor.size, "cache entry", f"cache {self.root}")
+        with source, io.BufferedReader(_HashingReader(source, verifier), CHUNK_SIZE) as stream:
+            try:
+                yield stream
+            except Exception:
+                self._settle(name, stream, verifier)  # a bad entry explains any failure best
+                raise
+            self._settle(name, stream, verifier)
+
+    def _settle(self, name: str, stream: BinaryIO, verifier: Verifier) -> None:
+        try:
+            while stream.read(CHUNK_SIZE):
+                pass
+            verifier.finish()
+        except DigestMismatchError:
+            self._drop(name)
+            raise
 
     def copy_to(self, descriptor: Descriptor, dest: Path) -> bool:
-        """Copy the entry to ``dest`` (atomically, via ``dest`` + ``.part``), verifying it on the way.
+        """Copy the entry to ``dest`` (written with :mod:`cocoonplan.atomic`), verifying it on the way.
 
         Return False when there is no entry, or when it fails verification (it is then deleted
         and ``dest`` is left untouched).
         """
-        source = self.path_for(descriptor.digest)
-        if not source.is_file():
+        name = self._entry(descriptor.digest)
+        source = self._open(name)
+        if source is None:
             return False
         verifier = Verifier(descriptor.digest, descriptor.size, "cache entry", f"cache {self.root}")
         try:
-            write_verified(dest, read_chunks(source), verifier)
+            with source, atomic_writer(dest.parent, dest.name) as out:
+                for chunk in _verified(iter(partial(source.read, CHUNK_SIZE), b""), verifier):
+                    out.write(chunk)
         except DigestMismatchError:
-            source.unlink(missing_ok=True)
+            self._drop(name)
             return False
-        except FileNotFoundError:
-            return False  # removed by a concurrent cleaner between the check and the read
         return True
 
     def remember_media_type(self, digest: str, media_type: str) -> None:
         """Record the Content-Type a manifest without its own ``mediaType`` was served with."""
-        dest = self._media_type_path(digest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        temp = unique_temp_path(dest)
-        try:
-            temp.write_text(media_type, encoding="utf-8")
-            temp.replace(dest)
-        except BaseException:
-            temp.unlink(missing_ok=True)
-            raise
+        self._write(self._media_type_entry(digest), [media_type.encode()])
 
     def recalled_media_type(self, digest: str) -> str | None:
         """The media type recorded by :meth:`remember_media_type`, if any."""
-        with contextlib.suppress(FileNotFoundError):
-            return self._media_type_path(digest).read_text(encoding="utf-8").strip() or None
+        content = self._read(self._media_type_entry(digest), 1024)
+        with contextlib.suppress(UnicodeDecodeError):
+            return (content or b"").decode().strip() or None
         return None
 
 
@@ -154,17 +255,8 @@ class CachingStore:
         """Copy a blob to ``dest`` from the cache, downloading it into the cache first when missing."""
         if self.cache.copy_to(descriptor, dest):
             return
-        entry = self.cache.path_for(descriptor.digest)
-        # A private name, so two processes filling the same entry do not share one .part file.
-        staging = unique_temp_path(entry)
-        try:
-            self.inner.download_blob(repository, descriptor, staging)
-            staging.replace(entry)
-        finally:
-            staging.unlink(missing_ok=True)
-        if not self.cache.copy_to(descriptor, dest):
-            # Only reachable if the fresh entry was damaged or removed in between; fetch directly.
-            self.inner.download_blob(repository, descriptor, dest)
+        self.inner.download_blob(repository, descriptor, dest)
+        self.cache.fill(descriptor, dest)
 
     def _cached_manifest(self, digest: str, content: bytes, name: str) -> RawManifest | None:
         media_type = None if _declares_media_type(content) else self.cache.recalled_media_type(digest)

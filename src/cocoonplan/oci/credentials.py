@@ -22,16 +22,19 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
+import contextlib
 import os
+import selectors
 import shutil
 import subprocess
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field
 
+from cocoonplan.bounded import InputLimitError, loads, read_limited
 from cocoonplan.errors import RegistryError
 from cocoonplan.model import Model
 
@@ -42,6 +45,10 @@ IDENTITY_TOKEN_USER = "<token>"
 """The user name docker pairs with an identity token."""
 HELPER_TIMEOUT_SECONDS = 30.0
 """A credential helper that hangs (waiting for a keychain prompt, say) fails instead of blocking forever."""
+HELPER_OUTPUT_LIMIT = 1 << 20
+"""The most a credential helper may print (stdout and stderr together); its answer is a few KiB."""
+MAX_CONFIG_BYTES = 4 << 20
+"""Largest docker config file read; real ones are a few KiB."""
 _NOT_FOUND_MESSAGE = "credentials not found"
 
 
@@ -64,12 +71,15 @@ def config_path(env: Mapping[str, str]) -> Path | None:
     return None
 
 
-def load_credentials(host: str, env: Mapping[str, str]) -> Credentials | None:
+def load_credentials(
+    host: str, env: Mapping[str, str], helper_timeout: float = HELPER_TIMEOUT_SECONDS
+) -> Credentials | None:
     """Return the credentials configured for registry ``host``, or None when there are none.
 
     A missing config file means no credentials. A config file that is not valid JSON, or a
     matching entry that cannot be decoded, raises RegistryError naming the file; a credential
-    helper that is missing or fails raises RegistryError naming the helper and the host.
+    helper that is missing or fails (or runs longer than ``helper_timeout`` seconds) raises
+    RegistryError naming the helper and the host.
     """
     path = config_path(env)
     if path is None or not path.is_file():
@@ -77,7 +87,7 @@ def load_credentials(host: str, env: Mapping[str, str]) -> Credentials | None:
     config = _read_config(path)
     helper = _helper_for(config, host, path)
     if helper is not None:
-        found = _run_helper(helper, host, env)
+        found = _run_helper(helper, host, env, helper_timeout)
         if found is not None:
             return found
     entry = _auth_entry(config, host, path)
@@ -88,8 +98,8 @@ def load_credentials(host: str, env: Mapping[str, str]) -> Credentials | None:
 
 def _read_config(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = loads(read_limited(path, MAX_CONFIG_BYTES))
+    except (OSError, InputLimitError) as exc:
         raise RegistryError(
             f"cannot read docker config {path}: {exc}",
             hint="fix or remove the file, or point DOCKER_CONFIG at a directory with a valid config.json",
@@ -147,7 +157,7 @@ def _helper_server(host: str) -> str:
     return DOCKER_HUB_HELPER_KEY if host in DOCKER_HUB_ALIASES else host
 
 
-def _run_helper(helper: str, host: str, env: Mapping[str, str]) -> Credentials | None:
+def _run_helper(helper: str, host: str, env: Mapping[str, str], timeout: float) -> Credentials | None:
     program = f"docker-credential-{helper}"
     # os.defpath, not os.environ's PATH, when the mapping has none: only ``env`` decides.
     binary = shutil.which(program, path=env.get("PATH", os.defpath))
@@ -155,16 +165,19 @@ def _run_helper(helper: str, host: str, env: Mapping[str, str]) -> Credentials |
     if binary is None:
         raise RegistryError(f"credential helper {program} for {host} is not on PATH", hint=hint)
     try:
-        result = subprocess.run(
-            [binary, "get"],
-            input=_helper_server(host),
-            capture_output=True,
-            text=True,
-            env=dict(env),
-            timeout=HELPER_TIMEOUT_SECONDS,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
+        result = _call_helper([binary, "get"], _helper_server(host), env, timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise RegistryError(
+            f"credential helper {program} did not answer for {host} within {timeout:g} s",
+            hint=f"check `{program} get` by hand (it may wait for a keychain prompt), "
+            "or allow more time with COCOONPLAN_TIMEOUT",
+        ) from exc
+    except _OutputLimitError as exc:
+        raise RegistryError(
+            f"credential helper {program} printed more than {HELPER_OUTPUT_LIMIT} bytes for {host}",
+            hint=f"check `{program} get` by hand: it must print a JSON object with Username and Secret",
+        ) from exc
+    except OSError as exc:
         raise RegistryError(f"credential helper {program} failed for {host}: {exc}", hint=hint) from exc
     if result.returncode != 0:
         message = (result.stdout.strip() or result.stderr.strip())[:500]
@@ -176,9 +189,9 @@ def _run_helper(helper: str, host: str, env: Mapping[str, str]) -> Credentials |
             hint=f"check `{program} get` by hand, or log in again with `docker login {host}`",
         )
     try:
-        answer = json.loads(result.stdout)
+        answer = loads(result.stdout)
         username, secret = answer["Username"], answer["Secret"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (InputLimitError, KeyError, TypeError) as exc:
         raise RegistryError(
             f"credential helper {program} returned an unreadable answer for {host}",
             hint="it must print a JSON object with Username and Secret",
@@ -188,6 +201,51 @@ def _run_helper(helper: str, host: str, env: Mapping[str, str]) -> Credentials |
     if not secret:
         return None
     return Credentials(username=username, password=secret)
+
+
+class _OutputLimitError(Exception):
+    """A credential helper printed more than HELPER_OUTPUT_LIMIT bytes."""
+
+
+def _call_helper(
+    argv: list[str], server: str, env: Mapping[str, str], timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """Run a helper as ``subprocess.run(argv, input=server, capture_output=True, text=True)``
+    would, but bounded: killed once it runs ``timeout`` seconds (TimeoutExpired) or prints
+    more than HELPER_OUTPUT_LIMIT bytes (_OutputLimitError), since ``run`` buffers all output."""
+    deadline = time.monotonic() + timeout
+    stdout, stderr = bytearray(), bytearray()
+    # Unbuffered, so a helper that exits without reading its input fails the write, not a later flush.
+    process = subprocess.Popen(
+        argv, bufsize=0, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(env)
+    )
+    with process, selectors.DefaultSelector() as selector:
+        try:
+            assert process.stdin and process.stdout and process.stderr  # all three are pipes
+            with contextlib.suppress(BrokenPipeError):  # a helper may exit without reading stdin
+                process.stdin.write(server.encode())
+                process.stdin.close()
+            selector.register(process.stdout, selectors.EVENT_READ, stdout)
+            selector.register(process.stderr, selectors.EVENT_READ, stderr)
+            while selector.get_map():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise subprocess.TimeoutExpired(argv, timeout)
+                for key, _ in selector.select(remaining):
+                    chunk = os.read(key.fd, 1 << 16)
+                    if not chunk:
+                        selector.unregister(key.fileobj)
+                    key.data.extend(chunk)
+                    if len(stdout) + len(stderr) > HELPER_OUTPUT_LIMIT:
+                        raise _OutputLimitError
+            returncode = process.wait(max(deadline - time.monotonic(), 0))
+        finally:
+            if process.poll() is None:
+                process.kill()
+    # Helpers answer in UTF-8 JSON; anything else must not fail with a decoding traceback.
+    return subprocess.CompletedProcess(
+        argv, returncode, stdout.decode("utf-8", "replace"), stderr.decode("utf-8", "replace")
+    )
 
 
 def _auth_entry(config: dict[str, Any], host: str, path: Path) -> dict[str, Any] | None:

@@ -13,10 +13,10 @@ size recorded in ``index.json`` or the descriptor.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from cocoonplan.bounded import InputLimitError, loads, read_limited
 from cocoonplan.errors import NotFoundError, RegistryError
 from cocoonplan.oci.manifest import REF_NAME_ANNOTATION, Descriptor, media_type_of
 from cocoonplan.oci.store import MAX_MANIFEST_BYTES, RawManifest, is_digest_selector, manifest_name
@@ -29,6 +29,8 @@ from cocoonplan.oci.verifier import (
 
 LAYOUT_FILE = "oci-layout"
 INDEX_FILE = "index.json"
+MAX_INDEX_BYTES = 16 << 20
+"""Largest ``index.json`` read: a few hundred bytes per tag."""
 _LAYOUT_HINT = (
     "create the layout with `skopeo copy docker://<image> oci:<dir>:<repository>:<tag>`, or fix "
     "registries.<host>.layout in cocoonplan.yaml"
@@ -97,10 +99,10 @@ class LayoutStore:
             )
         index_path = self.path / INDEX_FILE
         try:
-            data = json.loads(index_path.read_bytes())
+            data = loads(read_limited(index_path, MAX_INDEX_BYTES))
         except FileNotFoundError as exc:
             raise RegistryError(f"OCI layout {self.path} has no {INDEX_FILE}", hint=_LAYOUT_HINT) from exc
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (OSError, InputLimitError) as exc:
             raise RegistryError(f"cannot read {index_path}: {exc}", hint=_LAYOUT_HINT) from exc
         manifests = data.get("manifests") if isinstance(data, dict) else None
         if not isinstance(manifests, list) or not all(

@@ -6,14 +6,15 @@ starts from bytes and keeps the digest beside the parsed form.
 
 from __future__ import annotations
 
-import json
 from enum import StrEnum
 from typing import Any
 
 from pydantic import Field, ValidationError
 
+from cocoonplan.bounded import InputLimitError, loads
 from cocoonplan.errors import ResolveError
 from cocoonplan.model import Digest, Model, sha256_digest
+from cocoonplan.units import MAX_SIZE
 
 
 class MediaType(StrEnum):
@@ -39,6 +40,7 @@ ACCEPT_MANIFESTS = ", ".join((*MANIFEST_MEDIA_TYPES, *INDEX_MEDIA_TYPES))
 TITLE_ANNOTATION = "org.opencontainers.image.title"
 REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
 BASE_IMAGE_ANNOTATION = "cocoonstack.snapshot.baseimage"
+_MALFORMED_HINT = "its source serves it malformed: check the reference, or push the content again"
 
 
 class Platform(Model):
@@ -56,7 +58,7 @@ class Descriptor(Model):
 
     media_type: str = Field(alias="mediaType")
     digest: Digest
-    size: int = Field(ge=0)
+    size: int = Field(ge=0, le=MAX_SIZE)
     annotations: dict[str, str] = Field(default_factory=dict)
     platform: Platform | None = None
     artifact_type: str | None = Field(default=None, alias="artifactType")
@@ -94,11 +96,11 @@ class Index(Model):
 
 def _load_object(content: bytes, what: str) -> dict[str, Any]:
     try:
-        data = json.loads(content)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ResolveError(f"{what} is not valid JSON: {exc}") from exc
+        data = loads(content)
+    except InputLimitError as exc:
+        raise ResolveError(f"{what} is {exc}", hint=_MALFORMED_HINT) from exc
     if not isinstance(data, dict):
-        raise ResolveError(f"{what} is not a JSON object")
+        raise ResolveError(f"{what} is not a JSON object", hint=_MALFORMED_HINT)
     return data
 
 
@@ -115,32 +117,30 @@ def media_type_of(content: bytes, header_type: str | None, what: str) -> str:
 def parse_manifest(content: bytes, what: str, media_type: str | None = None) -> Manifest:
     """Parse an image/artifact manifest from its exact bytes; ``what`` names it in errors."""
     data = _load_object(content, what)
+    # Every field is validated, so a manifest of any shape (layers: 5) is this error.
     try:
-        config = Descriptor.model_validate(data["config"])
-        layers = tuple(Descriptor.model_validate(layer) for layer in data.get("layers") or ())
+        return Manifest(
+            digest=sha256_digest(content),
+            media_type=str(data.get("mediaType") or media_type or MediaType.OCI_MANIFEST),
+            artifact_type=data.get("artifactType"),
+            config=data["config"],
+            layers=data.get("layers") or (),
+            annotations=data.get("annotations") or {},
+            size=len(content),
+        )
     except (KeyError, ValidationError) as exc:
-        raise ResolveError(f"{what} is not a valid OCI manifest: {exc}") from exc
-    return Manifest(
-        digest=sha256_digest(content),
-        media_type=str(data.get("mediaType") or media_type or MediaType.OCI_MANIFEST),
-        artifact_type=data.get("artifactType"),
-        config=config,
-        layers=layers,
-        annotations=dict(data.get("annotations") or {}),
-        size=len(content),
-    )
+        raise ResolveError(f"{what} is not a valid OCI manifest: {exc}", hint=_MALFORMED_HINT) from exc
 
 
 def parse_index(content: bytes, what: str) -> Index:
     """Parse an image index from its exact bytes."""
     data = _load_object(content, what)
     try:
-        manifests = tuple(Descriptor.model_validate(m) for m in data.get("manifests") or ())
+        return Index(
+            digest=sha256_digest(content),
+            media_type=str(data.get("mediaType") or MediaType.OCI_INDEX),
+            manifests=data.get("manifests") or (),
+            annotations=data.get("annotations") or {},
+        )
     except ValidationError as exc:
-        raise ResolveError(f"{what} is not a valid OCI index: {exc}") from exc
-    return Index(
-        digest=sha256_digest(content),
-        media_type=str(data.get("mediaType") or MediaType.OCI_INDEX),
-        manifests=manifests,
-        annotations=dict(data.get("annotations") or {}),
-    )
+        raise ResolveError(f"{what} is not a valid OCI index: {exc}", hint=_MALFORMED_HINT) from exc

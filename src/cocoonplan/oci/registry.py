@@ -9,20 +9,32 @@ Guarantees:
   under ``dest`` only once verified, never half-written;
 * one request per fetch (plus at most one authentication round): no hidden retries, so a
   dead endpoint fails as fast as the connection does;
+* every request, the token request included, carries the client's timeouts, and every fetch
+  has an overall deadline (see :class:`Deadline`): a server that stalls or drips its answer
+  fails the fetch instead of hanging it; every body has a size cap (manifests
+  MAX_MANIFEST_BYTES, token answers MAX_TOKEN_BYTES, blobs their descriptor's size, error
+  and redirect pages ERROR_BODY_LIMIT);
 * every failure names what was fetched, from which endpoint, and what to do about it.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
+import httpcore
 import httpx
 
+from cocoonplan import bounded
 from cocoonplan.errors import NotFoundError, RegistryError
 from cocoonplan.model import sha256_digest
-from cocoonplan.oci.authenticator import RegistryAuth
+from cocoonplan.oci.authenticator import BODY_LIMIT, RegistryAuth
 from cocoonplan.oci.credentials import Credentials
 from cocoonplan.oci.manifest import ACCEPT_MANIFESTS, Descriptor, media_type_of
 from cocoonplan.oci.store import MAX_MANIFEST_BYTES, RawManifest, is_digest_selector, manifest_name
@@ -34,7 +46,150 @@ from cocoonplan.oci.verifier import (
     write_verified,
 )
 
-"""Manifests larger than this are refused unread: registries need not accept more (OCI distribution spec)."""
+DEADLINE_FACTOR = 4
+"""A fetch may take this many times the client's read timeout, plus time for the bytes it delivers."""
+DEFAULT_TIMEOUT_SECONDS = 30.0
+"""The timeout a deadline is derived from when the client has no read timeout."""
+MIN_BYTES_PER_SECOND = 64 << 10
+"""Each this many bytes delivered extend a fetch's deadline by a second: large blobs on slow links finish."""
+ERROR_BODY_LIMIT = 64 << 10
+"""Bodies other than a 200's (errors, 401 challenges, redirects) are read this far at most: only for messages."""
+_DEADLINE = "cocoonplan.deadline"
+"""Request extension: the :class:`Deadline` of the fetch the request belongs to."""
+_NEW_STREAMS = ("connection.connect_tcp.complete", "connection.start_tls.complete")
+"""httpcore trace events whose ``return_value`` is a newly opened connection's stream."""
+_REQUEST_SENT = "http11.send_request_headers.started"
+"""The httpcore trace event each request of a fetch starts with."""
+
+
+class Deadline:
+    """The time one fetch may take in all: connecting, its authentication round, redirects, every byte.
+
+    httpx's timeouts bound each network operation, so a server sending a byte every second
+    (of a body, a header or a chunk-size line) is never cut off by them. A fetch gets
+    ``seconds``, plus one second for every MIN_BYTES_PER_SECOND bytes of body it has
+    received: a drip fails after ``seconds`` whatever size it announces, a blob arriving at a
+    useful rate is never cut off. A watchdog thread has ``watch`` shut down the sockets the
+    fetch may be blocked on once the time is up; leaving the ``with`` block then raises
+    RegistryError in place of whatever the interrupted read raised.
+    """
+
+    def __init__(self, seconds: float, what: str, source: str, watch: _Watch) -> None:
+        self.seconds = seconds
+        self.what = what
+        self.source = source
+        self.received = 0
+        """Body bytes received so far (counted by the responses' streams)."""
+        self.url = ""
+        """The URL of the request in progress (the registry's, a token realm's, a redirect's)."""
+        self._watch = watch
+        self._started = time.monotonic()
+        self._done = threading.Event()
+        self._expired = threading.Event()
+
+    def __enter__(self) -> Deadline:
+        threading.Thread(target=self._expire, name="cocoonplan-deadline", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._done.set()
+        if self._expired.is_set():
+            # Replaces the error of the interrupted read (chained as its context), or a body
+            # that merely looked complete because its connection was shut down.
+            elapsed = time.monotonic() - self._started
+            raise RegistryError(
+                f"fetching {self.what} from {self.source} took too long: still waiting on {self.url} "
+                f"after {elapsed:.1f} s ({self.received} bytes received)",
+                hint=f"the server stalls or drips its answer; fix it or read from a mirror or layout, or allow "
+                f"more time with COCOONPLAN_TIMEOUT (a fetch gets {DEADLINE_FACTOR} times it, plus a second "
+                f"per {MIN_BYTES_PER_SECOND >> 10} KiB received)",
+            )
+
+    def trace(self, event: str, info: Mapping[str, Any]) -> None:
+        """httpcore ``trace`` callback: note each request's URL, have ``watch`` note each new connection."""
+        if event == _REQUEST_SENT:
+            self.url = bytes(info["request"].url).decode("ascii", "replace")
+        elif event in _NEW_STREAMS:
+            self._watch.add(info["return_value"])
+
+    def _expire(self) -> None:
+        while True:
+            allowed = self.seconds + self.received / MIN_BYTES_PER_SECOND
+            remaining = allowed - (time.monotonic() - self._started)
+            if remaining <= 0:
+                break
+            if self._done.wait(remaining):
+                return
+        self._expired.set()
+        self._watch.interrupt()
+
+
+class _Watch:
+    """The response hook RegistryStore adds to a client, once, shared by every store using it.
+
+    It caps the body of every response of a fetch, including the 401 challenges and
+    redirects whose bodies httpx reads itself, and counts it against the fetch's deadline;
+    requests of others are left alone. It also holds every connection the fetches opened,
+    so that :meth:`interrupt` can stop a fetch wherever it waits, also on a connection an
+    earlier fetch (of any store on the client) left in the pool.
+    """
+
+    def __init__(self) -> None:
+        self._streams: weakref.WeakSet[httpcore.NetworkStream] = weakref.WeakSet()
+        self._lock = threading.Lock()
+
+    def __call__(self, response: httpx.Response) -> None:
+        deadline = response.request.extensions.get(_DEADLINE)
+        if isinstance(deadline, Deadline) and isinstance(response.stream, httpx.SyncByteStream):
+            ok = response.status_code == httpx.codes.OK
+            limit = response.request.extensions[BODY_LIMIT] if ok else ERROR_BODY_LIMIT
+            response.stream = _BoundedStream(response.stream, deadline, limit)
+
+    def add(self, stream: httpcore.NetworkStream) -> None:
+        """Hold ``stream`` (weakly: the pool decides how long it lives)."""
+        with self._lock:
+            self._streams.add(stream)
+
+    def interrupt(self) -> None:
+        """Shut down every connection the fetches opened: a blocked read or write returns at once.
+
+        Idle pooled connections go too; httpcore sees them closed and opens new ones.
+        """
+        with self._lock:
+            streams = list(self._streams)
+        for stream in streams:
+            sock = stream.get_extra_info("socket")
+            if isinstance(sock, socket.socket):
+                # socket.socket's own shutdown, not SSLSocket's, which would also drop its
+                # TLS state under a read in progress in another thread.
+                with contextlib.suppress(OSError):  # already closed, or detached by TLS
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+class _BoundedStream(httpx.SyncByteStream):
+    """A response body counted against its fetch's deadline that ends one network chunk past ``limit``.
+
+    Ending (not failing) is enough: whoever reads a body that matters compares its length
+    with the limit and reports it (a blob's Verifier, the manifest and token readers), and
+    the bodies httpx reads itself (401 challenges, redirects) are discarded anyway.
+    """
+
+    def __init__(self, inner: httpx.SyncByteStream, deadline: Deadline, limit: int) -> None:
+        self._inner = inner
+        self._deadline = deadline
+        self._limit = limit
+
+    def __iter__(self) -> Iterator[bytes]:
+        total = 0
+        for chunk in self._inner:
+            self._deadline.received += len(chunk)
+            total += len(chunk)
+            yield chunk
+            if total > self._limit:
+                return
+
+    def close(self) -> None:
+        self._inner.close()
 
 
 class RegistryStore:
@@ -42,9 +197,10 @@ class RegistryStore:
 
     ``endpoint`` is the base URL (``https://ghcr.io``, ``http://127.0.0.1:5000``, a mirror);
     ``host`` is the canonical registry the content belongs to, used in messages. The httpx
-    client is injected and not owned: its timeouts apply, and the caller closes it. Redirects
-    are followed (registries hand blobs off to storage); httpx drops the Authorization header
-    when a redirect leaves the registry's origin.
+    client is injected and not owned: its timeouts apply, a fetch's deadline is derived from
+    its read timeout, and the caller closes it; a response hook is added to it that acts on
+    this class's requests only. Redirects are followed (registries hand blobs off to storage);
+    httpx drops the Authorization header when a redirect leaves the registry's origin.
     """
 
     def __init__(
@@ -55,6 +211,13 @@ class RegistryStore:
         self._client = client
         self.credentials = credentials
         self._auth = RegistryAuth(host, credentials)
+        self._deadline_seconds = DEADLINE_FACTOR * (client.timeout.read or DEFAULT_TIMEOUT_SECONDS)
+        hooks = client.event_hooks
+        watch = next((hook for hook in hooks["response"] if isinstance(hook, _Watch)), None)
+        if watch is None:
+            watch = _Watch()
+            client.event_hooks = {**hooks, "response": [*hooks["response"], watch]}
+        self._watch = watch
 
     def describe(self) -> str:
         """``registry <endpoint>``, plus the canonical host when the endpoint is a mirror."""
@@ -68,7 +231,7 @@ class RegistryStore:
         if is_digest_selector(selector):
             require_sha256(selector, what)
         url = f"{self.endpoint}/v2/{repository}/manifests/{selector}"
-        with self._open(url, what, accept=ACCEPT_MANIFESTS) as response:
+        with self._open(url, what, MAX_MANIFEST_BYTES, accept=ACCEPT_MANIFESTS) as response:
             declared = response.headers.get("content-length")
             if declared and declared.isdigit() and int(declared) > MAX_MANIFEST_BYTES:
                 raise RegistryError(
@@ -98,7 +261,7 @@ class RegistryStore:
         longer (or endless) body cannot make this read without bound.
         """
         what = f"blob {descriptor.digest} of {repository}"
-        with self._open(self._blob_url(repository, descriptor), what) as response:
+        with self._open(self._blob_url(repository, descriptor), what, descriptor.size) as response:
             content = self._read_limited(response, descriptor.size, what, verify=True)
         return verify_bytes(content, Verifier(descriptor.digest, descriptor.size, what, self.describe()))
 
@@ -113,7 +276,8 @@ class RegistryStore:
         # The raw body, undecoded: identity is asked for, and a blob's digest is over its
         # stored bytes, so an encoded body fails verification instead of being trusted.
         # Skipping httpx's decoder and re-chunker measured 1.4x faster (bench/registry_pull.py).
-        with self._open(self._blob_url(repository, descriptor), what, encoding="identity") as response:
+        url = self._blob_url(repository, descriptor)
+        with self._open(url, what, descriptor.size, encoding="identity") as response:
             write_verified(dest, response.iter_raw(), verifier)
 
     def _blob_url(self, repository: str, descriptor: Descriptor) -> str:
@@ -121,29 +285,38 @@ class RegistryStore:
 
     @contextlib.contextmanager
     def _open(
-        self, url: str, what: str, accept: str | None = None, encoding: str | None = None
+        self, url: str, what: str, limit: int, accept: str | None = None, encoding: str | None = None
     ) -> Iterator[httpx.Response]:
-        """GET ``url`` as a stream; turn HTTP and transport failures into errors naming ``what``."""
+        """GET ``url`` as a stream under a new :class:`Deadline`, its body capped near ``limit``
+        bytes; turn HTTP and transport failures into errors naming ``what`` and the URL that failed."""
         headers = {"Accept": accept} if accept else {}
         if encoding:
             headers["Accept-Encoding"] = encoding
+        deadline = Deadline(self._deadline_seconds, what, self.describe(), self._watch)
+        extensions = {_DEADLINE: deadline, BODY_LIMIT: limit, "trace": deadline.trace}
         try:
-            with self._client.stream(
-                "GET", url, headers=headers, auth=self._auth, follow_redirects=True
-            ) as response:
+            with (
+                deadline,
+                self._client.stream(
+                    "GET", url, headers=headers, auth=self._auth, follow_redirects=True, extensions=extensions
+                ) as response,
+            ):
                 if response.status_code != httpx.codes.OK:
                     response.read()
                     raise self._status_error(response, what)
                 yield response
         except httpx.TimeoutException as exc:
+            failed = _failed_url(exc, url)
             raise RegistryError(
-                f"timed out fetching {what} from {self.describe()} ({type(exc).__name__})",
-                hint=f"check the network path to {self.endpoint}, or read {self.host} from a mirror or "
-                "layout configured under registries: in cocoonplan.yaml",
+                f"timed out fetching {what} from {self.describe()}{_at(failed, url)} ({type(exc).__name__})",
+                hint=f"check the network path to {failed.scheme}://{failed.netloc.decode('ascii')}, allow more "
+                f"time with COCOONPLAN_TIMEOUT, or read {self.host} from a mirror or layout configured under "
+                "registries: in cocoonplan.yaml",
             ) from exc
         except httpx.HTTPError as exc:
             raise RegistryError(
-                f"cannot fetch {what} from {self.describe()}: {exc or type(exc).__name__}",
+                f"cannot fetch {what} from {self.describe()}{_at(_failed_url(exc, url), url)}: "
+                f"{exc or type(exc).__name__}",
                 hint=self._transport_hint(exc),
             ) from exc
 
@@ -212,10 +385,23 @@ class RegistryStore:
         return b"".join(chunks)
 
 
+def _failed_url(exc: httpx.HTTPError, url: str) -> httpx.URL:
+    """The URL of the request that failed: ``url``, a token realm's or a redirect's."""
+    try:
+        return exc.request.url
+    except RuntimeError:  # httpx sets the request of every error raised while sending; not of all others
+        return httpx.URL(url)
+
+
+def _at(failed: httpx.URL, url: str) -> str:
+    """`` at FAILED`` when the request that failed is not ``url`` itself."""
+    return "" if failed == httpx.URL(url) else f" at {failed}"
+
+
 def _error_detail(response: httpx.Response) -> str:
     """Summarise a distribution error body (``{"errors": [{"code", "message"}]}``) in one line."""
     try:
-        errors = response.json().get("errors") or []
+        errors = bounded.loads(response.content).get("errors") or []
         parts = [
             f"{e.get('code', '?')}: {e.get('message', '')}".strip() for e in errors if isinstance(e, dict)
         ]

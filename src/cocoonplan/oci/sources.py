@@ -11,7 +11,8 @@ For a registry host, in order:
   Hub (``docker.io``) is served by ``registry-1.docker.io``.
 
 Every store is wrapped in a :class:`CachingStore` over the project's one digest-addressed
-cache (``project.cache``), and made once per host.
+cache (``project.cache``), and made once per host. The client's read timeout also bounds
+each credential helper's run, so one setting bounds every wait on the outside world.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import httpx
 
 from cocoonplan.context import ProjectContext
 from cocoonplan.oci.cache import BlobCache, CachingStore
-from cocoonplan.oci.credentials import load_credentials
+from cocoonplan.oci.credentials import HELPER_TIMEOUT_SECONDS, Credentials, load_credentials
 from cocoonplan.oci.layout import LayoutStore
 from cocoonplan.oci.reference import DOCKER_HUB
 from cocoonplan.oci.registry import RegistryStore
@@ -100,9 +101,11 @@ class Sources:
             if "://" not in endpoint:
                 endpoint = f"{self._scheme(endpoint)}://{endpoint}"
             mirror_host = httpx.URL(endpoint).netloc.decode("ascii")
-            credentials = load_credentials(mirror_host, self._env)
-            return RegistryStore(host, endpoint, self._client, credentials)
-        return RegistryStore(host, self.endpoint_for(host), self._client, load_credentials(host, self._env))
+            return RegistryStore(host, endpoint, self._client, self._credentials(mirror_host))
+        return RegistryStore(host, self.endpoint_for(host), self._client, self._credentials(host))
+
+    def _credentials(self, host: str) -> Credentials | None:
+        return load_credentials(host, self._env, self._client.timeout.read or HELPER_TIMEOUT_SECONDS)
 
     def _scheme(self, host: str) -> str:
         # Plain HTTP only where the project says so or the traffic never leaves the machine.

@@ -35,8 +35,9 @@ from cocoonplan.planner.model import (
     PlannedBlob,
     PlannedBootFile,
 )
-from cocoonplan.planner.parts import check_host_cpus, layer_blobs, planned_disks, planned_nics
-from cocoonplan.project import NodeConfig
+from cocoonplan.planner.parts import Target, check_host_cpus, layer_blobs, planned_disks, planned_nics
+from cocoonplan.planner.rules import Rules
+from cocoonplan.project import HypervisorBuild, NodeConfig
 from cocoonplan.resolved import PinnedRef, ResolvedSnapshot, ResolvedVM
 from cocoonplan.spec import LoadedSpec, RestoreMode
 
@@ -52,6 +53,50 @@ def at_least(vm: str, field: str, wanted: int | None, snapshot_value: int) -> in
             hint=f"a clone keeps at least the snapshot's {field}; raise it or leave it unset",
         )
     return wanted
+
+
+def clone_value(vm: str, field: str, wanted: int | None, snapshot_value: int, rules: Rules) -> int:
+    """The clone's ``cpu``, ``memory`` or ``storage``: v0.3.8 grows them at clone (never below the
+    snapshot's); later cocoon clones with the snapshot's own, and a larger ask is refused."""
+    if rules.clone_resizes or wanted is None or wanted == snapshot_value:
+        return at_least(vm, field, wanted, snapshot_value)
+    raise PlanError(
+        f"VM {vm}: {field} {wanted} differs from the snapshot's {snapshot_value}, and cocoon "
+        f"{rules.line} clones with the snapshot's own {field}",
+        hint=f"leave {field} unset (or equal to the snapshot's); a different size needs a snapshot "
+        "baked with it, or run mode",
+    )
+
+
+def restore_mode(
+    vm: str, wanted: RestoreMode | None, snapshot: ResolvedSnapshot, target: Target
+) -> RestoreMode:
+    """The restore mode the clone is made with, checked against what the node can do.
+
+    v0.3.8 knows copy and on-demand. Later cocoon defaults to ``mmap`` unless the snapshot's
+    memory is hugepage-backed or shared (PRs #158/#159); ``mmap`` sends ``CopyOnWrite``, which
+    only cocoonstack's Cloud Hypervisor accepts, so on a stock build the plan passes ``copy``
+    rather than let the clone fail after its files are in place.
+    """
+    if not target.rules.restore_modes:
+        if wanted is RestoreMode.MMAP:
+            raise PlanError(
+                f"VM {vm}: restoreMode mmap needs cocoon v0.6's --restore-mode; the node runs cocoon {target.rules.line}",
+                hint="use restoreMode copy or ondemand",
+            )
+        return wanted or RestoreMode.COPY
+    memory = snapshot.ch_config.get("memory") or {}
+    eager = isinstance(memory, dict) and (memory.get("hugepages") or memory.get("shared"))
+    mode = wanted or (RestoreMode.COPY if eager else RestoreMode.MMAP)
+    if mode is RestoreMode.MMAP and target.node.cloud_hypervisor is HypervisorBuild.UPSTREAM:
+        if wanted is RestoreMode.MMAP:
+            raise PlanError(
+                f"VM {vm}: restoreMode mmap sends CopyOnWrite, which the node's stock Cloud Hypervisor refuses",
+                hint="use restoreMode copy, or set cloudHypervisor: cocoonstack for a node that runs "
+                "cocoonstack's build (`cocoon doctor --upgrade`)",
+            )
+        return RestoreMode.COPY
+    return mode
 
 
 def clone_nic_count(loaded: LoadedSpec, snapshot: ResolvedSnapshot) -> int:
@@ -127,16 +172,10 @@ def _boot_file(
     return PlannedBootFile(path=match.group(0), layer=f"sha256:{hex_}", present=present)
 
 
-def plan_clone(
-    loaded: LoadedSpec,
-    resolved: ResolvedVM,
-    node: NodeConfig,
-    identity: Identity,
-    state: NodeState | None,
-    default_network: str | None,
-) -> DesiredVM:
+def plan_clone(loaded: LoadedSpec, resolved: ResolvedVM, target: Target, identity: Identity) -> DesiredVM:
     """The VM a clone of the resolved snapshot gives; raises LayerMismatchError when its layer
     records disagree, PlanError when cocoon would refuse the clone on this node."""
+    node, state, rules = target.node, target.state, target.rules
     spec = loaded.spec
     body = spec.spec
     snapshot = resolved.snapshot
@@ -152,15 +191,17 @@ def plan_clone(
     # clone flag overrides them; a record imported from a registry carries none (§7.4).
     no_direct_io = body.no_direct_io if body.no_direct_io is not None else bool(local and local.no_direct_io)
     tuning = Tuning(
-        cpu=at_least(spec.name, "cpu", body.cpu, recorded.cpu),
-        memory=at_least(spec.name, "memory", body.memory, recorded.memory),
+        cpu=clone_value(spec.name, "cpu", body.cpu, recorded.cpu, rules),
+        memory=clone_value(spec.name, "memory", body.memory, recorded.memory, rules),
         host_cpus=node.cpus,
         queue_size=body.queue_size or (local and local.queue_size) or DEFAULT_QUEUE_SIZE,
         disk_queue_size=body.disk_queue_size or (local and local.disk_queue_size) or DEFAULT_QUEUE_SIZE,
         no_direct_io=no_direct_io,
-        hugepages=node.hugepages,
+        hugepages=node.hugepages and rules.hugepages_from_host,
         windows=recorded.windows,
+        rules=rules,
     )
+    mode = restore_mode(spec.name, body.restore_mode, snapshot, target)
     check_host_cpus(spec.name, tuning.cpu, node.cpus)
     base = snapshot.base_image
     assert base is not None  # check_snapshot_layers refuses a snapshot without one
@@ -201,37 +242,45 @@ def plan_clone(
         base_image=PinnedRef(ref=recorded.image or base.repository, digest=base.pinned.digest),
         cpu=tuning.cpu,
         memory=tuning.memory,
-        storage=at_least(spec.name, "storage", body.storage, recorded.storage),
+        storage=clone_value(spec.name, "storage", body.storage, recorded.storage, rules),
         nics=len(identity.nics),
-        network=body.network or recorded.network or default_network or "",
+        network=body.network or recorded.network or target.default_network or "",
         interfaces=planned_nics(identity.nics, tuning),
         blobs=tuple(blobs),
         disks=planned_disks(disks, digests),
         boot_files=boot_files,
         local_snapshot=LocalSnapshot(id=local.id, name=local.name) if local else None,
-        config=patch_clone_config(snapshot.ch_config, disks, tuning, f"{run_dir}/console.sock"),
+        config=patch_clone_config(snapshot.ch_config, disks, tuning, run_dir=run_dir, vm_id=identity.vm_id),
         config_origin=ConfigOrigin.WRITTEN,
         cmdline=build_cmdline(len(hexes), spec.name, identity.nics, node.dns),
         launch=restore_launch_command(f"{run_dir}/api.sock"),
-        restore=restore_requests(
-            run_dir,
-            snapshot.ch_config,
-            identity.nics,
-            tuning,
-            on_demand=body.restore_mode is RestoreMode.ONDEMAND,
-        ),
-        notes=_clone_notes(body.restore_mode),
+        restore=restore_requests(run_dir, snapshot.ch_config, identity.nics, tuning, mode),
+        restore_mode=mode,
+        notes=_clone_notes(body.restore_mode, mode, rules),
     )
 
 
-def _clone_notes(mode: RestoreMode) -> tuple[str, ...]:
-    notes = [
-        "the cmdline is the one cocoon records for the clone's next cold boot: the resumed guest "
-        "keeps the source VM's kernel command line, hostname and address until it reboots"
-    ]
-    if mode is RestoreMode.ONDEMAND:
+def _clone_notes(wanted: RestoreMode | None, mode: RestoreMode, rules: Rules) -> tuple[str, ...]:
+    if rules.restore_taps:
+        # cocoon PR #234: a Cloud Hypervisor clone gets a new interface, not the source's.
+        notes = [
+            "the resumed guest wakes on a new network interface with a fresh MAC and no IPv4 "
+            "address: it must configure the network again (cocoon v0.6); the cmdline is the one "
+            "recorded for its next cold boot"
+        ]
+    else:
+        notes = [
+            "the cmdline is the one cocoon records for the clone's next cold boot: the resumed guest "
+            "keeps the source VM's kernel command line, hostname and address until it reboots"
+        ]
+    if wanted is None and mode is RestoreMode.COPY and rules.restore_modes:
         notes.append(
-            "restoreMode ondemand sends memory_restore_mode, which Cloud Hypervisor v51's published "
+            "cocoon's default restore mode mmap needs cocoonstack's Cloud Hypervisor (CopyOnWrite); "
+            "the node runs a stock build (cloudHypervisor: upstream), so the clone restores with copy"
+        )
+    if mode is not RestoreMode.COPY:
+        notes.append(
+            f"restoreMode {mode} sends memory_restore_mode, which Cloud Hypervisor v51's published "
             "API schema does not define: the node's Cloud Hypervisor must accept it"
         )
     return tuple(notes)

@@ -20,10 +20,13 @@ from cocoonplan.planner.model import (
     LockChange,
     Plan,
     PlannedNic,
+    PlannedNode,
     Summary,
     VMPlan,
 )
-from cocoonplan.planner.provisional import mark_provisional
+from cocoonplan.planner.parts import Target
+from cocoonplan.planner.provisional import mark_host_chosen, mark_provisional
+from cocoonplan.planner.rules import rules_for
 from cocoonplan.planner.run import plan_run, run_nic_count
 from cocoonplan.project import NodeConfig
 from cocoonplan.resolved import NodeView, PinnedRef, ResolvedVM
@@ -47,18 +50,14 @@ def nic_count(item: PlanInput) -> int:
 def compile_vm(item: PlanInput, identity: Identity, view: NodeView) -> DesiredVM:
     """The desired VM of one spec under ``identity``; raises PlanError."""
     resolved = item.resolved
+    rules = rules_for(view)
+    target = Target(node=item.node, rules=rules, state=view.state, default_network=view.default_network)
     if resolved.snapshot is not None:
-        return plan_clone(item.loaded, resolved, item.node, identity, view.state, view.default_network)
-    assert resolved.image is not None  # a spec names exactly one of snapshot or image
-    return plan_run(
-        item.loaded,
-        resolved.image,
-        item.node,
-        identity,
-        view.state,
-        view.default_network,
-        resolved.present_blobs,
-    )
+        planned = plan_clone(item.loaded, resolved, target, identity)
+    else:
+        assert resolved.image is not None  # a spec names exactly one of snapshot or image
+        planned = plan_run(item.loaded, resolved.image, target, identity, resolved.present_blobs)
+    return mark_host_chosen(planned, rules)
 
 
 def fresh_vm(item: PlanInput, view: NodeView) -> DesiredVM:
@@ -89,7 +88,7 @@ def power_action(observed: str, wanted: PowerState) -> tuple[Action, str]:
     )
 
 
-def _started(desired: DesiredVM, running: ObservedVM, node: NodeConfig) -> DesiredVM:
+def _started(desired: DesiredVM, running: ObservedVM, view: NodeView) -> DesiredVM:
     """A VM that ``cocoon vm start`` will start: a clone cold-boots from its record then."""
     if desired.mode is not Mode.CLONE:
         return desired
@@ -98,7 +97,11 @@ def _started(desired: DesiredVM, running: ObservedVM, node: NodeConfig) -> Desir
         "(its own hostname and address), not the snapshot's memory"
     )
     return desired.model_copy(
-        update={"launch": record_launch(running, node) or desired.launch, "restore": (), "notes": (note,)}
+        update={
+            "launch": record_launch(running, view.settings, rules_for(view)) or desired.launch,
+            "restore": (),
+            "notes": (note,),
+        }
     )
 
 
@@ -130,7 +133,7 @@ def plan_vm(item: PlanInput, view: NodeView) -> VMPlan:
     observed = {
         "observed_state": running.state,
         "observed_fingerprint": running.fingerprint(),
-        "drift": drift_of(running, view.bases.get(running.id), view.state.images, view.settings),
+        "drift": drift_of(running, view),
     }
     if changes:
         paths = replace_paths(changes)
@@ -150,7 +153,7 @@ def plan_vm(item: PlanInput, view: NodeView) -> VMPlan:
         )
     action, reason = power_action(running.state, kept.state)
     if action is Action.START:
-        kept = _started(kept, running, view.settings)
+        kept = _started(kept, running, view)
     return VMPlan(**kept.model_dump(), action=action, reason=reason, fetch_bytes=0, **observed)
 
 
@@ -177,7 +180,6 @@ def _observed_source(vm: ObservedVM) -> tuple[PinnedRef | None, PinnedRef | None
 
 def observed_plan(vm: ObservedVM, view: NodeView, action: Action, reason: str) -> VMPlan:
     """A plan entry for a VM as the node has it: a delete, or a refresh-only report."""
-    images = view.state.images if view.state else ()
     source, base = _observed_source(vm)
     return VMPlan(
         name=vm.name,
@@ -209,10 +211,10 @@ def observed_plan(vm: ObservedVM, view: NodeView, action: Action, reason: str) -
         config=vm.runtime_config or {},
         config_origin=ConfigOrigin.DERIVED if vm.runtime_config is None else ConfigOrigin.WRITTEN,
         cmdline=vm.boot_config.cmdline or "" if vm.boot_config else "",
-        launch=record_launch(vm, view.settings) or (),
+        launch=record_launch(vm, view.settings, rules_for(view)) or (),
         action=action,
         reason=reason,
-        drift=drift_of(vm, view.bases.get(vm.id), images, view.settings),
+        drift=drift_of(vm, view),
         observed_state=vm.state,
         observed_fingerprint=vm.fingerprint(),
         fetch_bytes=0,
@@ -341,7 +343,11 @@ def make_plan(
     notes = list(warnings)
     defined: dict[str, set[str]] = {name: set() for name in nodes}
     for node, name in claimed:
-        defined[node].add(name)
+        # A spec elsewhere in the project may name a node the project does not declare (it
+        # fails when planned itself): only declared nodes' VMs are ever deleted, so such a
+        # claim has nothing to protect.
+        if node in defined:
+            defined[node].add(name)
     for item in [] if refresh_only else inputs:
         spec = item.loaded.spec
         view = nodes[spec.spec.node]
@@ -365,6 +371,15 @@ def make_plan(
     plan = Plan(
         tool_version=tool_version,
         refresh_only=refresh_only,
+        nodes=tuple(
+            PlannedNode(
+                name=view.name,
+                cocoon=view.cocoon,
+                cloud_hypervisor=view.settings.cloud_hypervisor,
+                state_known=view.state is not None,
+            )
+            for view in sorted(nodes.values(), key=lambda view: view.name)
+        ),
         vms=tuple(vms),
         lock_changes=tuple(sorted(lock_changes, key=lambda c: c.ref)),
         errors=tuple(diagnostics),

@@ -8,6 +8,7 @@ Each alien layer is named with every image on the node that contains it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from itertools import zip_longest
 
@@ -16,8 +17,11 @@ from cocoonplan.model import Mode, hex_to_digest, short_digest
 from cocoonplan.observed import ObservedImage, ObservedVM
 from cocoonplan.planner.hypervisor import record_launch, restore_launch_command
 from cocoonplan.planner.model import Drift
+from cocoonplan.planner.rules import RULES, Rules, rules_for
 from cocoonplan.project import NodeConfig
-from cocoonplan.resolved import RunningBase
+from cocoonplan.resolved import NodeView, RunningBase
+
+_AFFINITY = re.compile(r"queue_affinity=\[(?:[^\[\]]|\[[^\]]*\])*\]")
 
 
 def layer_drift(vm: ObservedVM, base: RunningBase, images: Sequence[ObservedImage]) -> list[Drift]:
@@ -50,27 +54,44 @@ def layer_drift(vm: ObservedVM, base: RunningBase, images: Sequence[ObservedImag
     return drift
 
 
-def accepted_launches(vm: ObservedVM, node: NodeConfig) -> list[tuple[str, ...]]:
+def accepted_launches(vm: ObservedVM, node: NodeConfig, rules: Rules) -> list[tuple[str, ...]]:
     """Every argument list cocoon legitimately starts this VM with (§8a): a cold boot from its
     record (``vm run``, ``vm start``, a clone restarted), and, once a snapshot was restored into
-    its run directory (``vm clone``, ``vm restore``), the API socket alone."""
+    its run directory (``vm clone``, ``vm restore``), the API socket alone.
+
+    A VM keeps running across an upgrade of the node's cocoon, so a cold boot by an earlier
+    line's rules is legitimate too: its next start gives the current form.
+    """
     forms = []
-    cold = record_launch(vm, node)
-    if cold is not None:
-        forms.append(cold)
+    lines = list(RULES)  # oldest first
+    for line in lines[: lines.index(rules.line) + 1]:
+        cold = record_launch(vm, node, RULES[line])
+        if cold is not None:
+            forms.append(cold)
     if vm.runtime_meta is not None:
         forms.append(restore_launch_command(f"{vm.run_dir}/api.sock"))
     return forms
 
 
-def launch_drift(vm: ObservedVM, node: NodeConfig) -> list[Drift]:
+def _comparable(line: str, rules: Rules) -> str:
+    # Where cocoon picks queue affinity from live host load (v0.6), its value says nothing.
+    return line if rules.queue_affinity_planned else _AFFINITY.sub("queue_affinity=*", line)
+
+
+def launch_drift(vm: ObservedVM, node: NodeConfig, rules: Rules) -> list[Drift]:
     """The running VMM's arguments (``<run>/cmdline``) against every form cocoon writes.
 
     cocoon deletes the file on stop and rewrites it on start, so it says something only
     while the VM runs; without a form to compare with, nothing is claimed.
     """
-    forms = accepted_launches(vm, node)
-    if not vm.running or vm.launch is None or not forms or vm.launch in (" ".join(f) for f in forms):
+    forms = accepted_launches(vm, node, rules)
+    found = _comparable(vm.launch or "", rules)
+    if (
+        not vm.running
+        or vm.launch is None
+        or not forms
+        or found in (_comparable(" ".join(f), rules) for f in forms)
+    ):
         return []
     return [
         Drift(
@@ -106,9 +127,9 @@ def applied_drift(vm: ObservedVM) -> list[Drift]:
     ]
 
 
-def drift_of(
-    vm: ObservedVM, base: RunningBase | None, images: Sequence[ObservedImage], node: NodeConfig
-) -> tuple[Drift, ...]:
-    """All drift of one VM; without a known base its layers cannot be checked."""
+def drift_of(vm: ObservedVM, view: NodeView) -> tuple[Drift, ...]:
+    """All drift of one VM on its node; without a known base its layers cannot be checked."""
+    base = view.bases.get(vm.id)
+    images = view.state.images if view.state else ()
     found = layer_drift(vm, base, images) if base is not None else []
-    return tuple(found + launch_drift(vm, node) + applied_drift(vm))
+    return tuple(found + launch_drift(vm, view.settings, rules_for(view)) + applied_drift(vm))

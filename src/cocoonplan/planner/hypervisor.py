@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,10 +20,15 @@ from cocoonplan.errors import PlanError
 from cocoonplan.observed import ObservedVM
 from cocoonplan.planner.identity import NicIdentity
 from cocoonplan.planner.model import ApiRequest
+from cocoonplan.planner.rules import RULES, Rules
 from cocoonplan.project import NodeConfig
+from cocoonplan.releases import CocoonLine
+from cocoonplan.spec import RestoreMode
 from cocoonplan.units import MIB
 
 CH_BINARY = "cloud-hypervisor"
+VSOCK_CID = 3
+"""The guest's vsock context ID cocoon (v0.6) always gives."""
 BALLOON_MIN_MEMORY = 256 * MIB
 
 
@@ -38,6 +44,7 @@ class Tuning:
     no_direct_io: bool = False
     hugepages: bool = False
     windows: bool = False
+    rules: Rules = RULES[CocoonLine.V0_3]
 
 
 @dataclass(frozen=True)
@@ -153,11 +160,18 @@ def launch_command(
     balloon = balloon_size(tuning.memory, tuning.windows)
     if balloon is not None:
         args += ["--balloon", f"size={balloon},deflate_on_oom=on,free_page_reporting=on"]
+    if tuning.rules.vsock:
+        args += ["--vsock", f"cid={VSOCK_CID},socket={vsock_socket(api_socket)}"]
     args += ["--serial", "off", "--console", "pty"]
     return tuple(args)
 
 
-def record_launch(vm: ObservedVM, node: NodeConfig) -> tuple[str, ...] | None:
+def vsock_socket(api_socket: str) -> str:
+    """The vsock socket cocoon (v0.6) puts beside the API socket in the run directory."""
+    return f"{posixpath.dirname(api_socket)}/vsock.uds"
+
+
+def record_launch(vm: ObservedVM, node: NodeConfig, rules: Rules) -> tuple[str, ...] | None:
     """The arguments ``cocoon vm start`` would launch this VM with, from its record alone (a
     clone cold-boots this way too); None when the record holds no direct-boot config."""
     boot = vm.boot_config
@@ -171,8 +185,9 @@ def record_launch(vm: ObservedVM, node: NodeConfig) -> tuple[str, ...] | None:
         queue_size=settings.queue_size or DEFAULT_QUEUE_SIZE,
         disk_queue_size=settings.disk_queue_size or DEFAULT_QUEUE_SIZE,
         no_direct_io=settings.no_direct_io,
-        hugepages=node.hugepages,
+        hugepages=node.hugepages and rules.hugepages_from_host,
         windows=settings.windows,
+        rules=rules,
     )
     return launch_command(
         api_socket=f"{vm.run_dir}/api.sock",
@@ -189,8 +204,10 @@ def restore_launch_command(api_socket: str) -> tuple[str, ...]:
 
 
 def net_body(nic: NicIdentity, tuning: Tuning) -> dict[str, Any]:
-    """The ``vm.add-net`` body cocoon sends for one of a clone's NICs (``networkConfigToNet``)."""
-    return {
+    """The ``vm.add-net`` body cocoon sends for one of a clone's NICs (``networkConfigToNet``);
+    the v0.6 line names the device after its MAC instead of letting CH number it."""
+    device = {"id": f"cocoon-net-{nic.mac.replace(':', '')}"} if tuning.rules.nic_ids else {}
+    return device | {
         "tap": nic.tap,
         "mac": nic.mac,
         "num_queues": net_queues(tuning.cpu),
@@ -201,15 +218,23 @@ def net_body(nic: NicIdentity, tuning: Tuning) -> dict[str, Any]:
     }
 
 
+MEMORY_RESTORE_MODES = {
+    RestoreMode.COPY: None,
+    RestoreMode.ONDEMAND: "OnDemand",
+    RestoreMode.MMAP: "CopyOnWrite",
+}
+"""What each restore mode sends as ``memory_restore_mode`` (copy sends none)."""
+
+
 def restore_requests(
-    run_dir: str, config: dict[str, Any], nics: Sequence[NicIdentity], tuning: Tuning, *, on_demand: bool
+    run_dir: str, config: dict[str, Any], nics: Sequence[NicIdentity], tuning: Tuning, mode: RestoreMode
 ) -> tuple[ApiRequest, ...]:
     """The REST calls that turn a launched, empty VMM into the clone (§8.7): restore the
     snapshot copied into ``run_dir``, unplug every snapshot NIC that has a device ID, plug the
     clone's NICs (CH assigns their IDs), resume."""
     restore: dict[str, Any] = {"source_url": f"file://{run_dir}"}
-    if on_demand:
-        restore["memory_restore_mode"] = "OnDemand"
+    if MEMORY_RESTORE_MODES[mode] is not None:
+        restore["memory_restore_mode"] = MEMORY_RESTORE_MODES[mode]
     calls = [ApiRequest(endpoint="vm.restore", body=restore)]
     calls += [
         ApiRequest(endpoint="vm.remove-device", body={"id": n["id"]})
@@ -272,6 +297,7 @@ def _net_config(device: int, nic: NicIdentity, tuning: Tuning) -> dict[str, Any]
 
 def run_config(
     *,
+    api_socket: str,
     disks: Sequence[StorageConfig],
     nics: Sequence[NicIdentity],
     boot: Boot,
@@ -337,8 +363,18 @@ def run_config(
         "tpm": None,
         "user_devices": None,
         "vdpa": None,
-        "vsock": None,
+        "vsock": _vsock_config(api_socket) if tuning.rules.vsock else None,
         "watchdog": True,
+    }
+
+
+def _vsock_config(api_socket: str) -> dict[str, Any]:
+    return {
+        "cid": VSOCK_CID,
+        "socket": vsock_socket(api_socket),
+        "iommu": False,
+        "id": None,
+        "pci_segment": 0,
     }
 
 
@@ -347,14 +383,17 @@ def _sorted(value: Any) -> Any:
 
 
 def patch_clone_config(
-    source: dict[str, Any], disks: Sequence[StorageConfig], tuning: Tuning, console_socket: str
+    source: dict[str, Any], disks: Sequence[StorageConfig], tuning: Tuning, *, run_dir: str, vm_id: str
 ) -> dict[str, Any]:
-    """The snapshot's config.json as cocoon's ``patchCHConfig`` rewrites it for a clone (§8.6).
+    """The snapshot's config.json as cocoon's ``patchCHConfig`` rewrites it for clone ``vm_id``
+    in ``run_dir`` (§8.6).
 
-    Only disk paths, disk queue sizes, O_DIRECT, serial/console, boot vCPUs, memory size and
-    the balloon change; every other key is kept as CH wrote it. Key order follows cocoon's
-    writer: top level sorted, and the objects it re-encodes as maps (each disk, ``cpus``,
-    ``memory``, a pre-existing ``balloon``) sorted too.
+    Only disk paths, disk queue sizes, O_DIRECT and serial/console change, and per line: boot
+    vCPUs, memory size and the balloon (v0.3.8), or each NIC's TAP (to a throwaway
+    ``rm<ID8>-<i>``, replaced after the restore) and the vsock socket (v0.6); every other key
+    is kept as CH wrote it. Key order follows cocoon's writer: top level sorted, and the
+    objects it re-encodes as maps (each disk, ``cpus``, ``memory``, a pre-existing
+    ``balloon``) sorted too.
     """
     config = copy.deepcopy(source)
     source_disks = config.get("disks") or []
@@ -370,8 +409,29 @@ def patch_clone_config(
         patched_disks.append(_sorted(entry))
     config["disks"] = patched_disks
     uefi = bool((config.get("payload") or {}).get("firmware"))
-    config["serial"] = {"mode": "Socket", "socket": console_socket} if uefi else {"mode": "Off"}
+    config["serial"] = {"mode": "Socket", "socket": f"{run_dir}/console.sock"} if uefi else {"mode": "Off"}
     config["console"] = {"mode": "Off"} if uefi else {"mode": "Pty"}
+    if tuning.rules.restore_taps:
+        _rename_restore_devices(config, run_dir, vm_id)
+    if tuning.rules.clone_patches_resources:
+        _patch_resources(config, tuning)
+    return dict(sorted(config.items()))
+
+
+def _rename_restore_devices(config: dict[str, Any], run_dir: str, vm_id: str) -> None:
+    # The restored VMM opens the snapshot's TAPs by name before cocoon swaps the NICs: later
+    # cocoon points them at throwaway names so the source VM's TAPs are never touched.
+    nets = config.get("net")
+    if isinstance(nets, list):
+        config["net"] = [
+            {**net, "tap": f"rm{vm_id[:8]}-{i}"} if isinstance(net, dict) else net
+            for i, net in enumerate(nets)
+        ]
+    if isinstance(config.get("vsock"), dict):
+        config["vsock"] = {**config["vsock"], "socket": f"{run_dir}/vsock.uds"}
+
+
+def _patch_resources(config: dict[str, Any], tuning: Tuning) -> None:
     if isinstance(config.get("cpus"), dict):
         config["cpus"] = _sorted({**config["cpus"], "boot_vcpus": tuning.cpu})
     config["memory"] = _sorted({**(config.get("memory") or {}), "size": tuning.memory})
@@ -382,7 +442,6 @@ def patch_clone_config(
         config["balloon"] = _sorted({**config["balloon"], "size": balloon})
     else:
         config["balloon"] = {"size": balloon, "deflate_on_oom": True, "free_page_reporting": True}
-    return dict(sorted(config.items()))
 
 
 def encode_config(config: dict[str, Any]) -> bytes:

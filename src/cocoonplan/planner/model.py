@@ -15,8 +15,10 @@ from cocoonplan.cocoon import DiskRole
 from cocoonplan.errors import CocoonplanError
 from cocoonplan.model import Digest, Mode, Model, canonical_json, sha256_digest
 from cocoonplan.observed import NicAddress
+from cocoonplan.project import HypervisorBuild
+from cocoonplan.releases import CocoonVersion
 from cocoonplan.resolved import PinnedRef
-from cocoonplan.spec import PowerState
+from cocoonplan.spec import PowerState, RestoreMode
 
 FORMAT_VERSION = 1
 
@@ -188,6 +190,8 @@ class DesiredVM(Model):
     holds it space-joined)."""
     restore: tuple[ApiRequest, ...] = ()
     """Clone mode: the REST calls after the launch that turn the snapshot into this VM."""
+    restore_mode: RestoreMode | None = None
+    """Clone mode: how the guest memory is restored (cocoon's ``--restore-mode``; v0.3.8 ``--on-demand``)."""
     provisional: tuple[str, ...] = ()
     """Paths of values cocoon or CNI choose at create time (ID, MACs, TAPs, addresses, run-dir
     paths and everything derived from them): shown as cocoonplan expects them, bound after apply."""
@@ -285,6 +289,18 @@ class Summary(Model):
     drifted: int = 0
 
 
+class PlannedNode(Model):
+    """A node as the plan was made for it."""
+
+    name: str
+    cocoon: CocoonVersion | None
+    """The cocoon release the node's VMs were planned for, and how it was learnt; None when
+    neither its release nor its state is known."""
+    cloud_hypervisor: HypervisorBuild
+    state_known: bool
+    """Whether the node's state was read (else its VMs are ``unknown``)."""
+
+
 class Plan(Model):
     """The whole plan: every VM, lock changes, errors and a summary."""
 
@@ -292,6 +308,7 @@ class Plan(Model):
     tool_version: str
     refresh_only: bool = False
     """A refresh-only plan reports drift and proposes no action."""
+    nodes: tuple[PlannedNode, ...] = ()
     vms: tuple[VMPlan, ...]
     lock_changes: tuple[LockChange, ...] = ()
     errors: tuple[Diagnostic, ...] = ()

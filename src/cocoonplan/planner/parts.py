@@ -3,14 +3,29 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from cocoonplan.cocoon import StorageConfig
 from cocoonplan.errors import PlanError
 from cocoonplan.model import digest_hex
+from cocoonplan.observed import NodeState
 from cocoonplan.planner.hypervisor import Tuning, net_queues
 from cocoonplan.planner.identity import NicIdentity
 from cocoonplan.planner.model import BlobKind, PlannedBlob, PlannedDisk, PlannedNic
+from cocoonplan.planner.rules import Rules
+from cocoonplan.project import NodeConfig
 from cocoonplan.resolved import BlobRef
+
+
+@dataclass(frozen=True)
+class Target:
+    """The node a VM is planned for, as the clone and run planners need it."""
+
+    node: NodeConfig
+    rules: Rules
+    state: NodeState | None
+    """None when the node's state is not known: nothing is present, nothing is missing."""
+    default_network: str | None
 
 
 def check_host_cpus(vm: str, cpu: int, host_cpus: int) -> None:

@@ -14,10 +14,15 @@ from collections.abc import Iterator
 from typing import Any
 
 from cocoonplan.planner.model import DesiredVM
+from cocoonplan.planner.rules import Rules
 
 ADDRESS_NOTE = (
     "CNI leases each NIC's address at create time: cocoon then adds "
     "ip=<address>::<gateway>:<netmask>:<name>:eth<N>:off[:<dns>] to the cmdline (bridge NICs get none)"
+)
+AFFINITY_NOTE = (
+    "cocoon v0.6 picks each writable disk's queue affinity from live host load at every launch: "
+    "the planned queue_affinity is a placeholder"
 )
 _DISPLAY_ONLY = frozenset({"provisional", "notes"})
 
@@ -58,4 +63,25 @@ def provisional_paths(one: DesiredVM, other: DesiredVM) -> tuple[str, ...]:
 def mark_provisional(one: DesiredVM, other: DesiredVM) -> DesiredVM:
     """``one`` with its provisional paths and, when it has NICs, the note on their addresses."""
     notes = one.notes + ((ADDRESS_NOTE,) if one.interfaces else ())
-    return one.model_copy(update={"provisional": provisional_paths(one, other), "notes": notes})
+    paths = (*provisional_paths(one, other), *one.provisional)
+    return one.model_copy(update={"provisional": tuple(sorted(set(paths), key=_order)), "notes": notes})
+
+
+def mark_host_chosen(vm: DesiredVM, rules: Rules) -> DesiredVM:
+    """``vm`` with the values its node's cocoon picks from live host state at every launch.
+
+    Later cocoon chooses writable disks' queue affinity from host load (``queue_affinity`` in
+    the launch and in the VmConfig): the plan keeps v0.3.8's shape and marks it provisional.
+    """
+    if rules.queue_affinity_planned:
+        return vm
+    paths = [f"launch[{i}]" for i, arg in enumerate(vm.launch) if "queue_affinity=" in arg]
+    paths += [
+        f"config.disks[{i}].queue_affinity"
+        for i, disk in enumerate(vm.config.get("disks") or ())
+        if isinstance(disk, dict) and disk.get("queue_affinity")
+    ]
+    if not paths:
+        return vm
+    merged = tuple(sorted({*vm.provisional, *paths}, key=_order))
+    return vm.model_copy(update={"provisional": merged, "notes": (*vm.notes, AFFINITY_NOTE)})

@@ -18,8 +18,7 @@ from cocoonplan.observed import NodeState
 from cocoonplan.planner.hypervisor import Boot, Tuning, build_cmdline, launch_command, run_config
 from cocoonplan.planner.identity import Identity
 from cocoonplan.planner.model import ConfigOrigin, DesiredVM, PlannedBootFile, PlannedImageRecord
-from cocoonplan.planner.parts import check_host_cpus, layer_blobs, planned_disks, planned_nics
-from cocoonplan.project import NodeConfig
+from cocoonplan.planner.parts import Target, check_host_cpus, layer_blobs, planned_disks, planned_nics
 from cocoonplan.resolved import ResolvedImage
 from cocoonplan.spec import DataDisk, DirectIO, LoadedSpec
 from cocoonplan.units import GIB
@@ -73,15 +72,10 @@ def boot_file(root_dir: str, layer: str, file: str, state: NodeState | None) -> 
 
 
 def plan_run(
-    loaded: LoadedSpec,
-    image: ResolvedImage,
-    node: NodeConfig,
-    identity: Identity,
-    state: NodeState | None,
-    default_network: str | None,
-    present: frozenset[str],
+    loaded: LoadedSpec, image: ResolvedImage, target: Target, identity: Identity, present: frozenset[str]
 ) -> DesiredVM:
     """The VM a fresh run of ``image`` gives: its layers bottom first, then the COW and data disks."""
+    node, state = target.node, target.state
     spec = loaded.spec
     body = spec.spec
     if image.kernel_layer is None or image.initrd_layer is None:
@@ -91,6 +85,7 @@ def plan_run(
             hint="run mode needs an image with a kernel and an initrd under /boot",
         )
     run_dir = vm_run_dir(node.effective_run_dir, identity.vm_id)
+    api_socket = f"{run_dir}/api.sock"
     disks = [
         StorageConfig(
             path=blob_path(node.root_dir, digest_hex(layer.digest)),
@@ -109,7 +104,8 @@ def plan_run(
         queue_size=body.queue_size or DEFAULT_QUEUE_SIZE,
         disk_queue_size=body.disk_queue_size or DEFAULT_QUEUE_SIZE,
         no_direct_io=bool(body.no_direct_io),
-        hugepages=node.hugepages,
+        hugepages=node.hugepages and target.rules.hugepages_from_host,
+        rules=target.rules,
     )
     check_host_cpus(spec.name, tuning.cpu, node.cpus)
     kernel = boot_file(node.root_dir, image.kernel_layer, "vmlinuz", state)
@@ -133,16 +129,16 @@ def plan_run(
         memory=tuning.memory,
         storage=body.storage or DEFAULT_STORAGE,
         nics=len(identity.nics),
-        network=body.network or default_network or "",
+        network=body.network or target.default_network or "",
         interfaces=planned_nics(identity.nics, tuning),
         blobs=tuple(layer_blobs(image.layers, present)),
         disks=planned_disks(disks, layer_digests + [None] * (len(disks) - len(layer_digests))),
         boot_files=(kernel, initrd),
         image_record=image_record(image, state),
-        config=run_config(disks=disks, nics=identity.nics, boot=boot, tuning=tuning),
+        config=run_config(api_socket=api_socket, disks=disks, nics=identity.nics, boot=boot, tuning=tuning),
         config_origin=ConfigOrigin.DERIVED,
         cmdline=boot.cmdline,
         launch=launch_command(
-            api_socket=f"{run_dir}/api.sock", disks=disks, nics=identity.nics, boot=boot, tuning=tuning
+            api_socket=api_socket, disks=disks, nics=identity.nics, boot=boot, tuning=tuning
         ),
     )

@@ -1,8 +1,16 @@
-"""Human and Markdown renders of the plan document, through jinja2 templates."""
+"""Human and Markdown renders of the plan document, through jinja2 templates.
+
+Every value a template outputs is escaped for its target, as HTML templates autoescape: the
+human environment shows control characters as escapes (:func:`plain`), the Markdown one
+escapes everything Markdown would read (:func:`md`). A value in another context goes through
+the filter for it (``code``, ``fence``, ``html``), whose :class:`Escaped` result is kept as is.
+"""
 
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from typing import Any
 
 import jinja2
@@ -10,6 +18,7 @@ import jinja2
 from cocoonplan.model import short_digest
 from cocoonplan.planner.model import SYMBOLS, Action
 from cocoonplan.render.changes import change_lines
+from cocoonplan.render.escape import Escaped, code, fence, html, md, plain, plain_lines
 from cocoonplan.units import format_size
 
 MARKDOWN_LIMIT = 60_000
@@ -36,7 +45,10 @@ _VERBS = {
 }
 
 
-def _environment() -> jinja2.Environment:
+def _environment(escape: Callable[[str], Escaped]) -> jinja2.Environment:
+    def finalize(value: object) -> object:
+        return escape(value) if isinstance(value, str) and not isinstance(value, Escaped) else value
+
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("cocoonplan", "render/templates"),
         undefined=jinja2.StrictUndefined,
@@ -44,6 +56,7 @@ def _environment() -> jinja2.Environment:
         lstrip_blocks=True,
         keep_trailing_newline=True,
         autoescape=False,
+        finalize=finalize,
     )
     env.filters["short"] = lambda d: short_digest(d) if d else "-"
     env.filters["size"] = format_size
@@ -51,6 +64,11 @@ def _environment() -> jinja2.Environment:
     env.filters["verb"] = lambda a: _VERBS[Action(a)]
     env.filters["change_lines"] = change_lines
     env.filters["compact"] = lambda v: json.dumps(v, ensure_ascii=False, separators=(", ", ": "))
+    env.filters["plain"] = plain
+    env.filters["plain_lines"] = plain_lines
+    env.filters["code"] = code
+    env.filters["fence"] = fence
+    env.filters["html"] = html
     return env
 
 
@@ -60,17 +78,41 @@ def _by_severity(document: dict[str, Any]) -> list[dict[str, Any]]:
 
 def render_human(document: dict[str, Any]) -> str:
     """Terraform-style text: lock changes, one block per VM, errors, then the summary line."""
-    template = _environment().get_template("plan.txt.j2")
+    template = _environment(plain).get_template("plan.txt.j2")
     return template.render(doc=document, vms=_by_severity(document))
+
+
+_FENCE_LINE = re.compile(r"( *)(`{3,})([^`]*)")
+
+
+def _open_fence(text: str) -> str | None:
+    """The fence line that would close a code block left open at the end of ``text``.
+
+    Only the templates write lines of backticks: content inside a block never holds a run
+    as long as its fence, and outside one every backtick is escaped or inside a span.
+    """
+    opened: re.Match[str] | None = None
+    for line in text.split("\n"):
+        found = _FENCE_LINE.fullmatch(line)
+        if found is None:
+            continue
+        if opened is None:
+            opened = found
+        elif len(found.group(2)) >= len(opened.group(2)) and not found.group(3).strip():
+            opened = None
+    return opened.group(1) + opened.group(2) if opened else None
 
 
 def _cut(text: str, size: int, limit: int) -> str:
     """``text`` cut to ``size`` characters with a note, any open code block closed."""
     note = f"\n_… cut here: the comment would exceed {limit} characters; see `cocoonplan show`._\n\n"
-    kept = text[: size - len(note) - 5]
-    if kept.count("```") % 2:
-        kept += "\n```"
-    return kept + note
+    kept = text[: size - len(note)]
+    while True:
+        fence_line = _open_fence(kept)
+        closing = f"\n{fence_line}" if fence_line else ""
+        if len(kept) + len(closing) + len(note) <= size:
+            return kept + closing + note
+        kept = kept[: size - len(note) - len(closing)]
 
 
 def render_markdown(document: dict[str, Any], limit: int = MARKDOWN_LIMIT) -> str:
@@ -79,7 +121,7 @@ def render_markdown(document: dict[str, Any], limit: int = MARKDOWN_LIMIT) -> st
     The summary, errors, lock changes and destructive changes come first; VM sections that
     do not fit are left out and the cut is said at the end.
     """
-    env = _environment()
+    env = _environment(md)
     head = env.get_template("plan.md.j2").render(doc=document)
     if len(head) > limit // 2:
         head = _cut(head, limit // 2, limit)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any, Protocol
 
+from cocoonplan.bounded import InputLimitError, loads
 from cocoonplan.errors import NotFoundError, ResolveError
 from cocoonplan.oci.manifest import INDEX_MEDIA_TYPES, Descriptor, Manifest, parse_index, parse_manifest
 from cocoonplan.oci.reference import Reference
@@ -79,13 +79,14 @@ class Content:
         return self._sources.store_for(ref.registry).get_blob(ref.repository, descriptor)
 
     def json_blob(self, ref: Reference, descriptor: Descriptor, what: str) -> Any:
-        """Fetch and decode a JSON blob, keeping key order."""
+        """Fetch and decode a JSON blob, keeping key order, within the bounds of :func:`loads`."""
         data = self.blob(ref, descriptor)
         try:
-            return json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return loads(data)
+        except InputLimitError as exc:
             raise ResolveError(
-                f"{what} ({descriptor.digest} in {ref.name}) is not valid JSON: {exc}"
+                f"{what} ({descriptor.digest} in {ref.name}) is {exc}",
+                hint="the artifact is malformed: push it again, or plan from another reference",
             ) from exc
 
     def store_for(self, host: str) -> ContentStore:

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import json
-import os
 import posixpath
 import tarfile
 import tempfile
+import zlib
 from pathlib import Path
+from typing import BinaryIO
 
-from cocoonplan.errors import ResolveError
-from cocoonplan.model import digest_hex
+from cocoonplan.errors import DigestMismatchError, ResolveError
+from cocoonplan.oci.cache import BlobCache
 from cocoonplan.oci.manifest import IMAGE_CONFIG_TYPES, Descriptor, Manifest
 from cocoonplan.oci.reference import Reference
 from cocoonplan.project import Arch
 from cocoonplan.resolved import BlobRef, PinnedRef, ResolvedImage
 from cocoonplan.resolvers.content import Content
-
-SCAN_RULES = "v2"
-"""The version of the boot-file rules below; bump it whenever they change."""
 
 
 def boot_files_in(names_and_types: list[tuple[str, bool]]) -> tuple[bool, bool]:
@@ -41,43 +38,60 @@ def boot_files_in(names_and_types: list[tuple[str, bool]]) -> tuple[bool, bool]:
     return kernel, initrd
 
 
-def _scan_layer(path: Path, what: str) -> tuple[bool, bool]:
+def _scan_layer(stream: BinaryIO, what: str) -> tuple[bool, bool]:
+    # Stream mode ("r|*"): one sequential pass, so a layer can be listed while it is hashed.
     try:
-        with tarfile.open(path, mode="r:*") as archive:
+        with tarfile.open(fileobj=stream, mode="r|*") as archive:
             entries = [(m.name, m.type in (tarfile.REGTYPE, tarfile.AREGTYPE)) for m in archive]
-    except (tarfile.TarError, OSError, EOFError) as exc:
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
         raise ResolveError(f"{what} is not a readable tar layer: {exc}") from exc
     return boot_files_in(entries)
 
 
 class BootScanner:
-    """Finds boot files in layers, remembering each layer's answer by digest under ``cache``."""
+    """Finds boot files in layers, deriving each layer's answer from its verified bytes.
+
+    No answer is stored. Earlier versions kept one per layer under the cache
+    (``boot-scan/v2/<hex>.json``) and believed it, but the cache is often repository-relative,
+    so a pull request could commit a record that moves the planned kernel to another layer.
+    Of the two ways to make a record believable, a MAC keyed by a per-user secret needs a key
+    created, protected and found outside the repository (and CI runners, which start without
+    one, would gain nothing); re-deriving needs nothing but the layer, which the digest-verified
+    blob cache keeps anyway. So the answer is taken from the cached blob in one streaming pass
+    that lists the tar while hashing it, and counts only once the whole blob matched its
+    digest; a layer is downloaded (verified, then cached) only when the cache has no good copy.
+    The cost is one read of each layer per plan; answers are remembered for the run.
+    """
 
     def __init__(self, content: Content, cache: Path) -> None:
         self._content = content
-        self._cache = cache
+        self._blobs = BlobCache(cache)
+        self._answers: dict[str, tuple[bool, bool]] = {}
 
     def scan(self, ref: Reference, layer: Descriptor) -> tuple[bool, bool]:
-        """(has kernel, has initrd) for one layer; downloads it once, verified."""
-        # Versioned by the rules: a record written under other rules is never trusted.
-        record = self._cache / "boot-scan" / SCAN_RULES / f"{digest_hex(layer.digest)}.json"
-        try:
-            found = json.loads(record.read_text())
-            return bool(found["kernel"]), bool(found["initrd"])
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # not scanned yet, or a damaged record: scan again
+        """(has kernel, has initrd) for one layer, from its verified bytes."""
+        answer = self._answers.get(layer.digest)
+        if answer is None:
+            what = f"layer {layer.digest} of {ref.name}"
+            answer = self._scan_cached(layer, what)
+            if answer is None:
+                answer = self._scan_downloaded(ref, layer, what)
+            self._answers[layer.digest] = answer
+        return answer
 
+    def _scan_cached(self, layer: Descriptor, what: str) -> tuple[bool, bool] | None:
+        try:
+            with self._blobs.reading(layer) as stream:
+                return None if stream is None else _scan_layer(stream, what)
+        except DigestMismatchError:
+            return None  # dropped from the cache: download it again
+
+    def _scan_downloaded(self, ref: Reference, layer: Descriptor, what: str) -> tuple[bool, bool]:
         with tempfile.TemporaryDirectory(prefix="cocoonplan-layer-") as scratch:
             target = Path(scratch) / "layer"
             self._content.store_for(ref.registry).download_blob(ref.repository, layer, target)
-            kernel, initrd = _scan_layer(target, f"layer {layer.digest} of {ref.name}")
-        record.parent.mkdir(parents=True, exist_ok=True)
-        # A temporary name of its own: plans sharing a cache may scan the same layer at once.
-        handle, temp = tempfile.mkstemp(dir=record.parent, prefix=f".{record.name}.")
-        with os.fdopen(handle, "w") as out:
-            out.write(json.dumps({"kernel": kernel, "initrd": initrd}))
-        Path(temp).replace(record)
-        return kernel, initrd
+            with target.open("rb") as stream:
+                return _scan_layer(stream, what)
 
 
 def blob_refs(ref: Reference, manifest: Manifest) -> tuple[BlobRef, ...]:

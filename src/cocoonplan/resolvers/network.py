@@ -30,15 +30,15 @@ fields are ill-typed (``cniVersion``, ``disableCheck``, ``plugins``…) or that 
 (inline, or ``<name>/*.conf`` beside it); such a directory gives cocoon no network at all and
 is not detected here.
 
-The directory is untrusted input (a copy taken from a node). Only regular files are read: a
-counted entry that is a symbolic link, FIFO, socket or device is refused rather than
-followed or opened, each file is capped at :data:`MAX_CONFLIST_BYTES`, and the directory at
+The directory is untrusted input (a copy taken from a node), read through
+:mod:`cocoonplan.nodefs` like a node root: only regular files are read (a counted entry that
+is a symbolic link, FIFO, socket or device is refused rather than followed or opened), each
+file is capped at :data:`MAX_CONFLIST_BYTES`, and the directory at
 :data:`MAX_CONF_DIR_ENTRIES` entries. Every failure is a one-line :class:`StateError`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import stat
@@ -46,16 +46,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import NoReturn
 
+from cocoonplan.bounded import MAX_DEPTH, InputLimitError, check_depth, loads
 from cocoonplan.context import ProjectContext
 from cocoonplan.errors import StateError
+from cocoonplan.nodefs import Cap, Listing, Tree
 from cocoonplan.observed import NodeState
 from cocoonplan.project import NodeConfig
 
 CONFLIST_EXTENSION = ".conflist"
-MAX_CONFLIST_BYTES = 1 << 20
-"""Per file; real conflists are a few hundred bytes."""
-MAX_CONF_DIR_ENTRIES = 4096
-"""Entries of any kind in the conf dir; a node's has a handful."""
+MAX_CONFLIST_BYTES = Cap.CONFLIST.size
+"""Per file, from the one table of caps in :mod:`cocoonplan.nodefs`."""
+MAX_CONF_DIR_ENTRIES = Listing.CONF_DIR.size
+"""Entries of any kind in the conf dir, from the same table."""
 
 _RECOPY = (
     "copy the node's CNI conf dir (cocoon's --cni-conf-dir, default /etc/cni/net.d) again "
@@ -64,57 +66,17 @@ _RECOPY = (
 _FIX = "fix or remove the file on the node: cocoon v0.3.8 loads no CNI network at all while it fails to parse"
 
 
-def _fail(where: str, problem: str, hint: str = _RECOPY) -> NoReturn:
+def _fail(where: str, problem: str, hint: str) -> NoReturn:
     raise StateError(f"{where}: {problem}", hint=hint)
 
 
-def _kind(mode: int) -> str:
-    kinds = (
-        (stat.S_ISLNK, "a symbolic link"),
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISSOCK, "a socket"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-    )
-    return next((text for test, text in kinds if test(mode)), "not a regular file")
-
-
-def _conflist_names(dir_fd: int, where: Path) -> list[str]:
+def _conflist_files(tree: Tree) -> list[str]:
     """The names cocoon reads, in the order it reads them."""
-    names: list[str] = []
-    try:
-        with os.scandir(dir_fd) as entries:
-            for count, entry in enumerate(entries, start=1):
-                if count > MAX_CONF_DIR_ENTRIES:
-                    _fail(str(where), f"holds more than {MAX_CONF_DIR_ENTRIES} entries; not a CNI conf dir")
-                # endswith is Go's filepath.Ext test here: ".conflist" holds no other dot.
-                if entry.name.endswith(CONFLIST_EXTENSION) and not entry.is_dir(follow_symlinks=False):
-                    names.append(entry.name)
-    except OSError as exc:
-        _fail(str(where), f"cannot be listed: {exc.strerror or exc}")
+    entries = tree.entries(".", Listing.CONF_DIR) or {}
+    # endswith is Go's filepath.Ext test here: ".conflist" holds no other dot.
+    names = [n for n, mode in entries.items() if n.endswith(CONFLIST_EXTENSION) and not stat.S_ISDIR(mode)]
     # Go compares strings byte-wise; undecodable bytes come back as surrogates, so sort on bytes.
     return sorted(names, key=os.fsencode)
-
-
-def _read_regular(dir_fd: int, name: str, where: str) -> bytes:
-    try:
-        mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
-        if not stat.S_ISREG(mode):
-            _fail(where, f"is {_kind(mode)}, not a regular file; cocoonplan does not follow or open it")
-        # O_NOFOLLOW and the fstat below close the gap if the entry is swapped after the lstat;
-        # O_NONBLOCK keeps a FIFO swapped in from blocking the open.
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
-        with os.fdopen(fd, "rb") as file:
-            mode = os.fstat(file.fileno()).st_mode
-            if not stat.S_ISREG(mode):
-                _fail(where, f"is {_kind(mode)}, not a regular file; cocoonplan does not follow or open it")
-            data = file.read(MAX_CONFLIST_BYTES + 1)
-    except OSError as exc:
-        _fail(where, f"cannot be read: {exc.strerror or exc}")
-    if len(data) > MAX_CONFLIST_BYTES:
-        _fail(where, f"is larger than {MAX_CONFLIST_BYTES} bytes; not a CNI conflist")
-    return data
 
 
 class _NotGoJSONError(ValueError):
@@ -138,20 +100,18 @@ def _conflist_name(data: bytes, where: str) -> str:
     # Go's decoder replaces invalid UTF-8 instead of failing; so does cocoonplan, to agree with it.
     text = data.decode("utf-8", errors="replace")
     try:
-        document = json.loads(
-            text, parse_float=_go_number, parse_int=_go_number, parse_constant=_refuse_constant
-        )
-    except json.JSONDecodeError as exc:
-        _fail(where, f"not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})", _FIX)
-    except _NotGoJSONError as exc:
-        _fail(where, f"not valid JSON: {exc}", _FIX)
-    except RecursionError:
-        # Go nests up to 10000 levels, Python's parser fewer: the file may be fine for cocoon.
+        check_depth(text)
+    except InputLimitError:
+        # Go nests up to 10000 levels, cocoonplan fewer: the file may be fine for cocoon.
         _fail(
             where,
-            "cannot be read: JSON nested too deeply",
+            f"cannot be read: JSON nested too deeply (more than {MAX_DEPTH} levels)",
             "set the node's defaultNetwork in the project file instead",
         )
+    try:
+        document = loads(text, parse_float=_go_number, parse_int=_go_number, parse_constant=_refuse_constant)
+    except InputLimitError as exc:
+        _fail(where, str(exc), _FIX)
     if not isinstance(document, dict):
         _fail(where, "is not a JSON object; a CNI conflist is one", _FIX)
     if "name" not in document:
@@ -171,21 +131,13 @@ def read_default_network(conf_dir: Path) -> str | None:
     StateError when the directory cannot be listed, or a conflist is not a regular file, is too
     large, or does not parse with a string ``name``.
     """
-    try:
-        dir_fd = os.open(conf_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        _fail(str(conf_dir), "CNI conf dir does not exist")
-    except NotADirectoryError:
-        _fail(str(conf_dir), "is not a directory; a CNI conf dir is one")
-    except OSError as exc:
-        _fail(str(conf_dir), f"cannot be read: {exc.strerror or exc}")
     names = []
-    try:
-        for file in _conflist_names(dir_fd, conf_dir):
-            where = f"{conf_dir}/{file}"
-            names.append(_conflist_name(_read_regular(dir_fd, file, where), where))
-    finally:
-        os.close(dir_fd)
+    with Tree.open(conf_dir, "CNI conf dir", _RECOPY, label=conf_dir) as tree:
+        for file in _conflist_files(tree):
+            data = tree.read(file, Cap.CONFLIST)
+            # None: removed since the listing, so cocoon would not find it either.
+            if data is not None:
+                names.append(_conflist_name(data, tree.where(file)))
     if not names:
         return None
     return next((name for name in names if name), "")

@@ -14,6 +14,11 @@ Guarantees:
   directory, or contradicts another file raises :class:`StateError` whose summary names the
   file relative to the root and whose hint says what to do. An absent database is empty:
   cocoon creates each on first use.
+- Nothing outside the root is read, and nothing but regular files: every read goes through
+  :mod:`cocoonplan.nodefs` (no links followed, each kind of file capped in size), and every
+  JSON document through :func:`cocoonplan.bounded.loads`.
+- Nothing secret comes out: every string read passes :func:`redact_credentials` first, and
+  a run dir's ``config.json`` keeps only the keys of a VmConfig (:data:`VM_CONFIG_KEYS`).
 - ``owner`` is set only on VMs that cocoonplan's ownership file names with the same ID
   **and** name; every other VM is foreign and must be left alone.
 """
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import json
 import re
+import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -29,9 +35,11 @@ from typing import Any, NoReturn, TypeVar
 
 from pydantic import BaseModel, Field, ValidationError
 
-from cocoonplan.cocoon import SnapshotMeta
+from cocoonplan.bounded import InputLimitError, loads_written_by_go
+from cocoonplan.cocoon import MetadataEngine, SnapshotMeta
 from cocoonplan.errors import StateError
 from cocoonplan.model import Model, sha256_digest
+from cocoonplan.nodefs import Cap, Listing, Tree, describe
 from cocoonplan.observed import (
     OWNERSHIP_FILE,
     STATE_FORMAT_VERSION,
@@ -43,12 +51,21 @@ from cocoonplan.observed import (
     ObservedVM,
     Owner,
     VMSettings,
+    redact_credentials,
+)
+from cocoonplan.resolvers.metastore import (
+    IMAGES,
+    NAMESPACES,
+    SNAPSHOTS,
+    VM_NAMESPACES,
+    Metadata,
+    Namespace,
+    live,
+    read_metadata,
 )
 
 DEFAULT_ROOT_DIR = "/var/lib/cocoon"
 STATE_KIND = "cocoonplan/node-state"
-IMAGES_DB = "oci/db/images.json"
-SNAPSHOTS_DB = "snapshot/db/snapshots.json"
 BLOBS_DIR = "oci/blobs"
 BOOT_DIR = "oci/boot"
 BOOT_FILES = ("vmlinuz", "initrd.img")
@@ -82,62 +99,20 @@ def _validation_detail(exc: ValidationError, rename: Mapping[str, str] | None = 
     return "\n".join(lines)
 
 
-class _NotJSONError(ValueError):
-    """Text Python's json accepts but Go's encoder never writes."""
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # Python keeps the last of two equal keys; Go's encoder never writes two, so one means
-    # the file was not written by cocoon and which value counts is unknowable.
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _NotJSONError(f"key {key!r} appears twice in one object")
-        out[key] = value
-    return out
-
-
-def _not_json_constant(name: str) -> NoReturn:
-    raise _NotJSONError(f"{name} is not JSON")
-
-
 def _parse_json(data: bytes, where: str, hint: str) -> Any:
-    """Strict JSON: UTF-8, no duplicate keys, no NaN; object key order kept."""
+    """Strict, bounded JSON (UTF-8, no duplicate keys, no NaN, nesting limited), object key
+    order kept, credentials redacted."""
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        _fail(where, f"not UTF-8 text: {exc.reason} at byte {exc.start}", hint)
-    try:
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_not_json_constant)
-    except json.JSONDecodeError as exc:
-        _fail(where, f"not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})", hint)
-    except _NotJSONError as exc:
-        _fail(where, f"not valid JSON: {exc}", hint)
-
-
-def _read_file(path: Path, where: str, hint: str) -> bytes | None:
-    """The bytes of a file, None when absent; a directory or unreadable file is a StateError."""
-    if not path.exists() and not path.is_symlink():
-        return None
-    if path.is_dir():
-        _fail(where, "is a directory, expected a file", hint)
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        _fail(where, f"cannot be read: {exc.strerror or exc}", hint)
+        document = loads_written_by_go(data)
+    except InputLimitError as exc:
+        _fail(where, str(exc), hint)
+    return redact_credentials(document)
 
 
 def _object(value: Any, where: str, what: str, hint: str = _REPAIR) -> dict[str, Any]:
     if not isinstance(value, dict):
         _fail(where, f"{what} is {_json_type(value)}, expected a JSON object", hint)
     return value
-
-
-def _map(document: dict[str, Any], key: str, where: str) -> dict[str, Any]:
-    # Go encodes a nil map as null and cocoon omits nothing here, but an absent map means
-    # the same as an empty one: nothing recorded.
-    value = document.get(key)
-    return {} if value is None else _object(value, where, f"{key!r}")
 
 
 def _json_type(value: Any) -> str:
@@ -159,7 +134,7 @@ def _id_set(value: Any, where: str, field: str = "image_blob_ids") -> tuple[str,
 class _Root:
     """A local copy of a node root: maps node paths to local files and reads them strictly."""
 
-    local: Path
+    tree: Tree
     root_dir: str
     run_dir: str
 
@@ -177,22 +152,21 @@ class _Root:
                 "pass the node's own --root-dir (and --run-dir)",
             )
 
-    def read(self, rel: str, hint: str = _RECOPY) -> bytes | None:
-        return _read_file(self.local / rel, rel, hint)
-
-    def json(self, rel: str, hint: str = _RECOPY) -> Any:
+    def json(self, rel: str, cap: Cap, hint: str = _RECOPY) -> Any:
         """The parsed file, None when absent."""
-        data = self.read(rel, hint)
+        data = self.tree.read(rel, cap)
         return None if data is None else _parse_json(data, rel, hint)
 
-    def text(self, rel: str) -> str | None:
-        data = self.read(rel)
+    def text(self, rel: str, cap: Cap) -> str | None:
+        """The UTF-8 file, credentials redacted; None when absent."""
+        data = self.tree.read(rel, cap)
         if data is None:
             return None
         try:
-            return data.decode("utf-8")
+            text: str = redact_credentials(data.decode("utf-8"))
         except UnicodeDecodeError as exc:
             _fail(rel, f"not UTF-8 text: {exc.reason} at byte {exc.start}", _RECOPY)
+        return text
 
     def validate(self, model: type[_M], value: Any, where: str, what: str, hint: str = _REPAIR) -> _M:
         try:
@@ -267,43 +241,41 @@ def _with_run_files(root: _Root, db: str, vm: ObservedVM) -> ObservedVM:
             f"{label} run_dir {vm.run_dir} is not under the run dir {root.run_dir}",
             "pass the node's own --run-dir",
         )
-    local = root.local / rel
-    if not local.is_dir():
-        problem = "is not a directory" if local.exists() else "is missing"
+    mode = root.tree.mode(rel)
+    if mode is None or not stat.S_ISDIR(mode):
+        problem = "is missing" if mode is None else f"is {describe(mode)}, not a directory"
         _fail(rel, f"run directory of {label} {problem}", "copy the node's root dir with its run dir")
-    config = root.json(f"{rel}/config.json")
-    raw_config = root.read(f"{rel}/config.json")
-    if config is not None:
-        _object(config, f"{rel}/config.json", "the document", _RECOPY)
-    meta = root.json(f"{rel}/cocoon.json")
-    return vm.model_copy(
-        update={
+    raw_config = root.tree.read(f"{rel}/config.json", Cap.RUN_FILE)
+    config = None
+    if raw_config is not None:
+        where = f"{rel}/config.json"
+        config = _object(_parse_json(raw_config, where, _RECOPY), where, "the document", _RECOPY)
+    meta = root.json(f"{rel}/cocoon.json", Cap.RUN_FILE)
+    # Validated again, not copied: the model keeps only a VmConfig's keys of config.json.
+    return ObservedVM.model_validate(
+        dict(vm)
+        | {
             "runtime_config": config,
             "runtime_config_sha256": None if raw_config is None else sha256_digest(raw_config),
             "runtime_meta": None
             if meta is None
             else root.validate(SnapshotMeta, meta, f"{rel}/cocoon.json", "the snapshot sidecar", _RECOPY),
-            "launch": root.text(f"{rel}/cmdline"),
+            "launch": root.text(f"{rel}/cmdline", Cap.CMDLINE),
         }
     )
 
 
-def _read_db(root: _Root, db: str, records_key: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """A cocoon database ``{"<records_key>": {ID: record}, "names": {name: ID}}``; None when absent."""
-    document = root.json(db)
-    if document is None:
-        return None
-    document = _object(document, db, "the document", _RECOPY)
-    return _map(document, records_key, db), _map(document, "names", db)
+def _live(meta: Metadata, namespace: Namespace) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(where it was read from, live records by ID, names) of one namespace, whichever engine
+    holds it; records cocoon is deleting (tombstoned) are not live."""
+    where = meta.sources[namespace.name]
+    tables = live(meta.of(namespace), where)
+    return where, redact_credentials(tables.records), tables.names
 
 
-def _read_vms(root: _Root, backend: str, hypervisor: str) -> list[ObservedVM]:
-    """Every VM of one backend's database, checked against its ``names`` index."""
-    db = f"{backend}/db/vms.json"
-    tables = _read_db(root, db, "vms")
-    if tables is None:
-        return []
-    records, names = tables
+def _read_vms(root: _Root, meta: Metadata, backend: str, hypervisor: str) -> list[ObservedVM]:
+    """Every VM of one backend's namespace, checked against its ``names`` index."""
+    db, records, names = _live(meta, VM_NAMESPACES[hypervisor])
     vms = {key: _record_vm(root, db, hypervisor, backend, key, value) for key, value in records.items()}
     for name, vm_id in names.items():
         if not isinstance(vm_id, str) or vm_id not in vms:
@@ -339,7 +311,7 @@ class _OwnershipFile(Model):
 def _owners(root: _Root) -> dict[str, Owner]:
     """cocoonplan's ownership entries by VM ID."""
     hint = "restore cocoonplan/owned.json from the node or a backup; cocoonplan writes it on apply"
-    document = root.json(OWNERSHIP_FILE, hint)
+    document = root.json(OWNERSHIP_FILE, Cap.OWNERSHIP, hint)
     if document is None:
         return {}
     version = _object(document, OWNERSHIP_FILE, "the document", hint).get("format_version")
@@ -380,16 +352,13 @@ class _ImageEntry(Model):
     initrd_layer: str | None = None
 
 
-def _read_images(root: _Root) -> list[ObservedImage]:
-    document = root.json(IMAGES_DB)
-    if document is None:
-        return []
-    images = _map(_object(document, IMAGES_DB, "the document", _RECOPY), "images", IMAGES_DB)
+def _read_images(root: _Root, meta: Metadata) -> list[ObservedImage]:
+    where, images, _ = _live(meta, IMAGES)
     out = []
     for key, value in images.items():
-        entry = root.validate(_ImageEntry, value, IMAGES_DB, f"image {key}")
+        entry = root.validate(_ImageEntry, value, where, f"image {key}")
         if entry.ref != key:
-            _fail(IMAGES_DB, f"image key {key} holds ref {entry.ref}", _REPAIR)
+            _fail(where, f"image key {key} holds ref {entry.ref}", _REPAIR)
         observed = {
             "ref": key,
             "manifest_digest": entry.manifest_digest,
@@ -397,59 +366,52 @@ def _read_images(root: _Root) -> list[ObservedImage]:
             "kernel_layer": entry.kernel_layer or None,
             "initrd_layer": entry.initrd_layer or None,
         }
-        out.append(root.validate(ObservedImage, observed, IMAGES_DB, f"image {key}"))
+        out.append(root.validate(ObservedImage, observed, where, f"image {key}"))
     return sorted(out, key=lambda image: image.ref)
 
 
-def _read_snapshots(root: _Root) -> list[ObservedSnapshot]:
-    tables = _read_db(root, SNAPSHOTS_DB, "snapshots")
-    if tables is None:
-        return []
-    records, names = tables
+def _read_snapshots(root: _Root, meta: Metadata) -> list[ObservedSnapshot]:
+    where, records, names = _live(meta, SNAPSHOTS)
     snapshots: dict[str, ObservedSnapshot] = {}
     for key, value in records.items():
-        record = _object(value, SNAPSHOTS_DB, f"snapshot record {key}")
+        record = _object(value, where, f"snapshot record {key}")
         if record.get("id") != key:
-            _fail(SNAPSHOTS_DB, f"snapshot record ID key {key} holds id {record.get('id')}", _REPAIR)
+            _fail(where, f"snapshot record ID key {key} holds id {record.get('id')}", _REPAIR)
         fields = {k: v for k, v in record.items() if k in ObservedSnapshot.model_fields}
-        fields["image_blob_ids"] = _id_set(record.get("image_blob_ids"), f"{SNAPSHOTS_DB}: snapshot {key}")
-        snapshots[key] = root.validate(ObservedSnapshot, fields, SNAPSHOTS_DB, f"snapshot {key}")
+        fields["image_blob_ids"] = _id_set(record.get("image_blob_ids"), f"{where}: snapshot {key}")
+        snapshots[key] = root.validate(ObservedSnapshot, fields, where, f"snapshot {key}")
     for name, snap_id in names.items():
         if not isinstance(snap_id, str) or snap_id not in snapshots:
-            _fail(SNAPSHOTS_DB, f"names maps {name} to snapshot {snap_id} which has no record", _REPAIR)
+            _fail(where, f"names maps {name} to snapshot {snap_id} which has no record", _REPAIR)
         if snapshots[snap_id].name != name:
             _fail(
-                SNAPSHOTS_DB,
+                where,
                 f"names maps {name} to snapshot {snap_id}, whose record is named {snapshots[snap_id].name!r}",
                 _REPAIR,
             )
     seen: dict[str, str] = {}
     for snap in snapshots.values():
         if snap.name and snap.name in seen:
-            _fail(SNAPSHOTS_DB, f"two records are named {snap.name} ({seen[snap.name]}, {snap.id})", _REPAIR)
+            _fail(where, f"two records are named {snap.name} ({seen[snap.name]}, {snap.id})", _REPAIR)
         seen[snap.name] = snap.id
     return sorted(snapshots.values(), key=lambda snap: snap.id)
 
 
-def _entries(root: _Root, rel: str) -> list[Path]:
-    """The entries of a directory of the root; none when it is absent."""
-    directory = root.local / rel
-    if not directory.exists():
-        return []
-    if not directory.is_dir():
-        _fail(rel, "is not a directory", _RECOPY)
-    return list(directory.iterdir())
+def _entries(root: _Root, rel: str) -> dict[str, int]:
+    """The entries of a directory of the root with their modes; none when it is absent."""
+    return root.tree.entries(rel, Listing.NODE_DIR) or {}
 
 
 def _read_blobs(root: _Root) -> list[str]:
     """Hexes of the converted layers; other names (a pull's temp files) are not blobs."""
     found = []
-    for entry in _entries(root, BLOBS_DIR):
-        match = _BLOB_NAME.fullmatch(entry.name)
+    for name, mode in _entries(root, BLOBS_DIR).items():
+        match = _BLOB_NAME.fullmatch(name)
         if match is None:
             continue
-        if not entry.is_file():
-            _fail(f"{BLOBS_DIR}/{entry.name}", "is not a regular file", _RECOPY)
+        if not stat.S_ISREG(mode):
+            # Never opened, but cocoon would attach it as a disk: it is no usable blob.
+            _fail(f"{BLOBS_DIR}/{name}", f"is not a regular file but {describe(mode)}", _RECOPY)
         found.append(match.group(1))
     return sorted(found)
 
@@ -458,15 +420,12 @@ def _read_boot_files(root: _Root) -> list[str]:
     """``<hex>/vmlinuz`` and ``<hex>/initrd.img`` extracted under ``oci/boot``, as cocoon's
     ``VerifyBaseFiles`` would find them; other names are not boot files."""
     found = []
-    for layer in _entries(root, BOOT_DIR):
-        if not re.fullmatch(r"[0-9a-f]{64}", layer.name) or not layer.is_dir():
+    for layer, mode in _entries(root, BOOT_DIR).items():
+        if not re.fullmatch(r"[0-9a-f]{64}", layer) or not stat.S_ISDIR(mode):
             continue
-        for name in BOOT_FILES:
-            entry = layer / name
-            if entry.exists() or entry.is_symlink():
-                if not entry.is_file() or entry.is_symlink():
-                    _fail(f"{BOOT_DIR}/{layer.name}/{name}", "is not a regular file", _RECOPY)
-                found.append(f"{layer.name}/{name}")
+        found += [
+            f"{layer}/{name}" for name in BOOT_FILES if root.tree.has_file(f"{BOOT_DIR}/{layer}/{name}")
+        ]
     return sorted(found)
 
 
@@ -496,23 +455,31 @@ def read_node_root(local: Path, root_dir: str = DEFAULT_ROOT_DIR, run_dir: str |
             f"run dir {run_dir} is outside the root dir {root_dir}: its run directories cannot be found under {local}",
             hint="read a root whose --run-dir lies under its --root-dir (the default <root-dir>/run)",
         )
-    if not local.is_dir():
-        problem = "is not a directory" if local.exists() else "does not exist"
-        raise StateError(f"{local}: {problem}", hint="pass a cocoon root directory (or a copy of one)")
-    root = _Root(local, root_dir, run_dir)
-    vms = [vm for backend, hypervisor in BACKENDS for vm in _read_vms(root, backend, hypervisor)]
-    # Each backend keeps its own names index, yet `cocoon vm` resolves a name across both.
-    _check_unique(vms, " and ".join(f"{backend}/db/vms.json" for backend, _ in BACKENDS))
-    owners = _owners(root)
-    return NodeState(
-        root_dir=root_dir,
-        run_dir=run_dir,
-        vms=tuple(sorted((_owned(vm, owners) for vm in vms), key=lambda vm: vm.name)),
-        images=tuple(_read_images(root)),
-        snapshots=tuple(_read_snapshots(root)),
-        blobs=tuple(_read_blobs(root)),
-        boot_files=tuple(_read_boot_files(root)),
-    )
+    with Tree.open(local, "cocoon root dir", _RECOPY) as tree:
+        root = _Root(tree, root_dir, run_dir)
+        meta = read_metadata(tree)
+        vms = [vm for backend, hypervisor in BACKENDS for vm in _read_vms(root, meta, backend, hypervisor)]
+        # Each backend keeps its own names index, yet `cocoon vm` resolves a name across both.
+        _check_unique(vms, " and ".join(meta.sources[VM_NAMESPACES[h].name] for _, h in BACKENDS))
+        owners = _owners(root)
+        return NodeState(
+            root_dir=root_dir,
+            run_dir=run_dir,
+            metadata_engine=meta.engine,
+            later_layout=meta.engine is MetadataEngine.JSON and _written_after_v0_3_8(tree),
+            vms=tuple(sorted((_owned(vm, owners) for vm in vms), key=lambda vm: vm.name)),
+            images=tuple(_read_images(root, meta)),
+            snapshots=tuple(_read_snapshots(root, meta)),
+            blobs=tuple(_read_blobs(root)),
+            boot_files=tuple(_read_boot_files(root)),
+        )
+
+
+def _written_after_v0_3_8(tree: Tree) -> bool:
+    """Whether a JSON-metadata root shows a later cocoon's hand: the ``.prev`` generation every
+    later commit rotates out, or per-VM locks under ``locks/vm`` (v0.3.8 has neither)."""
+    later = [f"{namespace.file}.prev" for namespace in NAMESPACES] + ["locks/vm"]
+    return any(tree.mode(rel) is not None for rel in later)
 
 
 def load_state_document(path: Path) -> NodeState:
@@ -523,7 +490,8 @@ def load_state_document(path: Path) -> NodeState:
     """
     where = str(path)
     hint = "export it again with `cocoonplan state export`"
-    data = _read_file(path, where, hint)
+    with Tree.open(path.parent, "directory", hint, label=path.parent) as tree:
+        data = tree.read(path.name, Cap.STATE_DOCUMENT)
     if data is None:
         _fail(where, "does not exist", hint)
     document = _object(_parse_json(data, where, hint), where, "the document", hint)

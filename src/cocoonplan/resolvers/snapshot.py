@@ -18,6 +18,11 @@ from cocoonplan.resolvers.image import blob_refs
 REQUIRED_FILES = ("cocoon.json", "config.json")
 
 
+def _problems(exc: ValidationError) -> str:
+    """pydantic's errors on one line, ``field: message`` each (its own text spans lines)."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or '(document)'}: {e['msg']}" for e in exc.errors())
+
+
 def _base_repository(config: SnapshotConfig, annotations: dict[str, str], what: str) -> Reference | None:
     label = config.image or annotations.get(BASE_IMAGE_ANNOTATION)
     if not label or not config.image_digest:
@@ -87,7 +92,7 @@ def resolve_snapshot(content: Content, ref: Reference, label: str, arch: Arch) -
     try:
         config = SnapshotConfig.model_validate(content.json_blob(ref, manifest.config, f"{what} config blob"))
     except ValidationError as exc:
-        raise ResolveError(f"{what}: config blob is not a cocoon snapshot config: {exc}") from exc
+        raise ResolveError(f"{what}: config blob is not a cocoon snapshot config: {_problems(exc)}") from exc
     _check_kind(config, what)
     by_title = _files_by_title(manifest.layers, what)
     missing = [name for name in REQUIRED_FILES if name not in by_title]
@@ -102,7 +107,7 @@ def resolve_snapshot(content: Content, ref: Reference, label: str, arch: Arch) -
     try:
         meta = SnapshotMeta.model_validate(meta_data)
     except ValidationError as exc:
-        raise ResolveError(f"{what}: cocoon.json is not a cocoon snapshot sidecar: {exc}") from exc
+        raise ResolveError(f"{what}: cocoon.json is not a cocoon snapshot sidecar: {_problems(exc)}") from exc
     base_ref = _base_repository(config, manifest.annotations, what)
     return ResolvedSnapshot(
         pinned=PinnedRef(ref=label, digest=manifest.digest),

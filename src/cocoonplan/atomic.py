@@ -1,0 +1,306 @@
+"""Every file cocoonplan writes, written one way: whole or not at all, and never through a link.
+
+A pull request can plant symbolic links where cocoonplan writes (a ``plan.json.tmp`` beside
+``--out plan.json``, a ``node-a`` link in a render directory, a ``blobs`` link in a
+repository-relative cache); writing through one would overwrite its target outside the
+directory. So every write (``render``, ``plan --out``, ``lock``, ``schemas``, the cache):
+
+* takes the directory the user or the project names as named (its parents are resolved as
+  the OS resolves them), but that directory must itself be a real directory, not a link; it is
+  created when missing;
+* opens every component below it that cocoonplan names itself (render's ``<node>/<vm>``, the
+  cache's ``blobs/sha256``) relative to its parent's descriptor with ``O_DIRECTORY|O_NOFOLLOW``,
+  creating it with ``mkdirat`` when missing, so a link there is refused, never followed;
+* refuses a target that exists and is not a regular file, with an error naming it. The rename
+  would replace a link itself, not its target, so following is not the risk; but a link where
+  cocoonplan writes was put there by someone else, and saying so beats silently dropping it;
+* writes to a temporary file created exclusively (``O_CREAT|O_EXCL|O_NOFOLLOW``, a random name)
+  in the target's directory, fsyncs it, renames it over the target with ``os.replace``
+  relative to the directory's descriptor, then fsyncs the directory: a crash leaves the old
+  file or the new one, never a mix; on any failure the temporary file is removed.
+
+Files cocoonplan reads back from where it wrote them (rendered files, cache entries) are read
+through the same walk: a link, FIFO or device there is refused, never followed or waited on.
+Every failure is a :class:`CocoonplanError` naming the path, with a hint; nothing raises a
+bare ``OSError``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+import stat
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+from cocoonplan.errors import CocoonplanError
+
+_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_TEMPORARY = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: opening a FIFO planted under a file's name must not wait for a writer.
+_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+_HINTS = {
+    errno.EACCES: "make the directory writable for this user, or choose another one",
+    errno.EPERM: "make the directory writable for this user, or choose another one",
+    errno.EROFS: "the file system is mounted read-only; choose a directory on a writable one",
+    errno.ENOSPC: "free space on that file system, then run the command again",
+    errno.EDQUOT: "free space within your quota, then run the command again",
+    errno.ENOTDIR: "a component of the path is a file, not a directory; choose another path",
+    errno.EEXIST: "a file of that name is in the way of the directory; remove it or choose another path",
+    errno.ENAMETOOLONG: "choose a shorter path",
+}
+
+
+def _failure(action: str, path: Path, exc: OSError) -> CocoonplanError:
+    return CocoonplanError(
+        f"cannot {action} {path}: {exc.strerror or exc}",
+        hint=_HINTS.get(exc.errno or 0, "check the path and its permissions"),
+    )
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    return "a directory" if stat.S_ISDIR(mode) else "a special file"
+
+
+def _not_a_file(path: Path, kind: str) -> CocoonplanError:
+    return CocoonplanError(
+        f"{path} is {kind}, not a regular file; cocoonplan never writes or reads through it",
+        hint="cocoonplan did not put it there: remove or rename it, then run the command again",
+    )
+
+
+def _refusal(action: str, path: Path, exc: OSError) -> CocoonplanError:
+    """The error for a directory that could not be opened: a link is named as such."""
+    if path.is_symlink():
+        return CocoonplanError(
+            f"{path} is a symbolic link, not a directory; cocoonplan never writes or reads through links",
+            hint="replace the link with a real directory, or name the directory it points to",
+        )
+    return _failure(action, path, exc)
+
+
+def _parts(directory: Path, name: str) -> list[str]:
+    parts = name.split("/")
+    if any(part in ("", ".", "..") or "\0" in part for part in parts):
+        raise CocoonplanError(
+            f"cannot write {name!r} under {directory}: not a plain file name",
+            hint="give a path that names a file, without `..` components",
+        )
+    return parts
+
+
+def _open_root(directory: Path, create: bool) -> int:
+    try:
+        return os.open(directory, _DIRECTORY)
+    except FileNotFoundError:
+        if not create:
+            raise
+    directory.mkdir(parents=True, exist_ok=True)
+    return os.open(directory, _DIRECTORY)
+
+
+def _open_child(parent: int, name: str, create: bool) -> int:
+    try:
+        return os.open(name, _DIRECTORY, dir_fd=parent)
+    except FileNotFoundError:
+        if not create:
+            raise
+    # Made by a concurrent writer in between: it is opened below, without following, like any other.
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(name, 0o777, dir_fd=parent)
+    return os.open(name, _DIRECTORY, dir_fd=parent)
+
+
+def _walk(directory: Path, parts: Sequence[str], *, create: bool) -> int:
+    """A descriptor of ``directory/parts...``; components below ``directory`` are never links.
+
+    Without ``create``, a missing component raises FileNotFoundError (absent is an answer to a
+    reader); every other failure is a CocoonplanError naming the component.
+    """
+    path = directory
+    try:
+        fd = _open_root(directory, create)
+        for part in parts:
+            path = path / part
+            try:
+                child = _open_child(fd, part, create)
+            finally:
+                os.close(fd)
+            fd = child
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError) and not create:
+            raise
+        raise _refusal("write into" if create else "read", path, exc) from exc
+    return fd
+
+
+def _check_target(dir_fd: int, name: str, path: Path) -> None:
+    try:
+        info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise _failure("inspect", path, exc) from exc
+    if not stat.S_ISREG(info.st_mode):
+        raise _not_a_file(path, _kind(info.st_mode))
+
+
+def check_target(directory: Path, name: str) -> None:
+    """Raise the error a write of ``name`` under ``directory`` would meet on a link or special
+    file on its way, so a command can refuse before it changes anything; absent is fine."""
+    parts = _parts(directory, name)
+    try:
+        dir_fd = _walk(directory, parts[:-1], create=False)
+    except FileNotFoundError:
+        return
+    try:
+        _check_target(dir_fd, parts[-1], directory.joinpath(*parts))
+    finally:
+        os.close(dir_fd)
+
+
+class AtomicFile:
+    """What :func:`atomic_writer` yields: bytes written go to the temporary file."""
+
+    def __init__(self, out: BinaryIO, path: Path) -> None:
+        self._out = out
+        self._path = path
+
+    def write(self, data: bytes) -> None:
+        """Append ``data``; a full disk or I/O error is a CocoonplanError naming the target."""
+        try:
+            self._out.write(data)
+        except OSError as exc:
+            raise _failure("write", self._path, exc) from exc
+
+
+def _create_temporary(dir_fd: int, name: str, path: Path) -> tuple[int, str]:
+    temporary = f".{name}.{secrets.token_hex(8)}.tmp"
+    try:
+        return os.open(temporary, _TEMPORARY, 0o666, dir_fd=dir_fd), temporary
+    except OSError as exc:
+        raise _failure("write", path, exc) from exc
+
+
+def _publish(dir_fd: int, temporary: str, name: str, path: Path) -> None:
+    try:
+        os.replace(temporary, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        # The rename is durable only once the directory entry is.
+        os.fsync(dir_fd)
+    except OSError as exc:
+        raise _failure("write", path, exc) from exc
+
+
+@contextlib.contextmanager
+def atomic_writer(directory: Path, name: str) -> Iterator[AtomicFile]:
+    """Write ``directory/name`` (``name`` may hold ``/``): what the ``with`` body writes replaces
+    the file when the body succeeds; when it raises, the file is untouched and the temporary
+    file removed. See the module docstring for the rules."""
+    parts = _parts(directory, name)
+    path = directory.joinpath(*parts)
+    dir_fd = _walk(directory, parts[:-1], create=True)
+    try:
+        _check_target(dir_fd, parts[-1], path)
+        fd, temporary = _create_temporary(dir_fd, parts[-1], path)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                yield AtomicFile(out, path)
+                try:
+                    out.flush()
+                    os.fsync(out.fileno())
+                except OSError as exc:
+                    raise _failure("write", path, exc) from exc
+            _publish(dir_fd, temporary, parts[-1], path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary, dir_fd=dir_fd)
+            raise
+    finally:
+        os.close(dir_fd)
+
+
+def write_atomic(directory: Path, name: str, data: bytes | str) -> None:
+    """Replace ``directory/name`` with ``data`` (str as UTF-8), atomically and never through a link."""
+    with atomic_writer(directory, name) as out:
+        out.write(data.encode() if isinstance(data, str) else data)
+
+
+def open_regular(directory: Path, name: str) -> BinaryIO | None:
+    """Open ``directory/name`` for reading, walking as a write does; None when it is absent.
+
+    A link, FIFO or device is a CocoonplanError naming it: it is not a file cocoonplan wrote.
+    """
+    parts = _parts(directory, name)
+    path = directory.joinpath(*parts)
+    try:
+        dir_fd = _walk(directory, parts[:-1], create=False)
+    except FileNotFoundError:
+        return None
+    try:
+        fd = os.open(parts[-1], _READ, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _not_a_file(path, "a symbolic link") from exc
+        raise _failure("read", path, exc) from exc
+    finally:
+        os.close(dir_fd)
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise _not_a_file(path, _kind(mode))
+    return os.fdopen(fd, "rb")
+
+
+def read_bounded(directory: Path, name: str, limit: int | None) -> bytes | None:
+    """``directory/name`` read as :func:`open_regular` opens it, None when absent; at most
+    ``limit + 1`` bytes, so a caller can tell a file longer than ``limit``."""
+    source = open_regular(directory, name)
+    if source is None:
+        return None
+    with source:
+        try:
+            return source.read() if limit is None else source.read(limit + 1)
+        except OSError as exc:
+            raise _failure("read", directory / name, exc) from exc
+
+
+def holds(directory: Path, name: str, data: bytes | str) -> bool:
+    """Whether ``directory/name`` is a regular file holding exactly ``data`` (str as UTF-8)."""
+    content = data.encode() if isinstance(data, str) else data
+    return read_bounded(directory, name, len(content)) == content
+
+
+def update_file(directory: Path, name: str, data: bytes | str) -> bool:
+    """Write ``data`` to ``directory/name`` unless the file holds exactly that; True when written."""
+    if holds(directory, name, data):
+        return False
+    write_atomic(directory, name, data)
+    return True
+
+
+def remove_file(directory: Path, name: str) -> None:
+    """Remove ``directory/name``, walking as a write does (a link on the way is refused; a link
+    as ``name`` is removed itself); absent is fine."""
+    parts = _parts(directory, name)
+    path = directory.joinpath(*parts)
+    try:
+        dir_fd = _walk(directory, parts[:-1], create=False)
+    except FileNotFoundError:
+        return
+    try:
+        os.unlink(parts[-1], dir_fd=dir_fd)
+        os.fsync(dir_fd)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise _failure("remove", path, exc) from exc
+    finally:
+        os.close(dir_fd)
