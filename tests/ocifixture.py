@@ -231,6 +231,8 @@ class SourceVM:
     host_cpus: int = 16
     vsock: bool = False
     """Launched with ``--vsock`` (cocoon v0.6): the snapshot's config.json then has a vsock device."""
+    ch_extra: tuple[tuple[str, Any], ...] = ()
+    """Top-level keys a Cloud Hypervisor build adds to config.json beyond v51's VmConfig."""
 
 
 @dataclass(frozen=True)
@@ -426,7 +428,7 @@ def _ch_config(vm: SourceVM, scs: Sequence[JSON], kernel: str, initrd: str, cmdl
         "vdpa": None,
         "vsock": _vsock(scs) if vm.vsock else None,
         "watchdog": True,
-    }
+    } | dict(vm.ch_extra)
 
 
 # fmt: on

@@ -19,7 +19,7 @@ from syrupy.assertion import SnapshotAssertion
 
 from chschema import request_errors
 from clirunner import copy_examples, example_builder, plan_json, run_cli, vm_entry
-from ocifixture import NodeVM, OwnerRecord, node_root, snapshot, write_layout
+from ocifixture import Clone, NodeVM, OwnerRecord, node_root, snapshot, write_layout
 from snapshotext import JSONFile
 
 build = example_builder()
@@ -416,3 +416,20 @@ def test_a_run_plans_the_image_record_and_boot_files_it_needs(tmp_path: Path) ->
     assert fresh["image_record"]["present"] is False
     assert [b["present"] for b in fresh["boot_files"]] == [False, False]
     assert fresh["config_origin"] == "derived"
+
+
+def test_config_keys_beyond_v51_are_no_change(tmp_path: Path) -> None:
+    # A fork's extra config.json key: the node's copy is read without it (only VmConfig keys,
+    # so nothing unmodelled leaks), so the plan must compare its own config the same way.
+    source = dataclasses.replace(SNAP.snapshot.vm, ch_extra=(("fork_feature", {"token": "s3cr3t"}),))
+    baked = snapshot(
+        ARTIFACTS[build.XFACE], base_ref=build.XFACE, vm=source, snapshot_id="S2JHTLGMXGEDN73U55XTPLPFT7"
+    )
+    vms = [dataclasses.replace(vm, source=Clone(baked)) if vm.name == "agent-clone" else vm for vm in _vms()]
+    owners = build.owned({**ARTIFACTS, build.AGENT_SNAP: baked})
+    project = _project(tmp_path, vms, owners)
+    write_layout(project / "oci", {**ARTIFACTS, build.AGENT_SNAP: baked})
+    assert run_cli(["lock", ".", "--update"], project).exit_code == 0
+    _, document = plan_json(project)
+    planned = vm_entry(document, "agent-clone")
+    assert (planned["action"], planned["changes"], planned["drift"]) == ("no-op", [], [])

@@ -304,3 +304,17 @@ def test_a_json_root_a_later_cocoon_wrote_needs_its_version(tmp_path: Path) -> N
         config.read_text().replace("    cpus: 16\n", "    cpus: 16\n    cocoonVersion: v0.6.4\n")
     )
     assert run_cli(["plan", "."], project).exit_code == 0
+
+
+def test_state_export_asks_the_cocoon_on_path(tmp_path: Path) -> None:
+    project = _project(tmp_path)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _fake_cocoon(bin_dir, VERSION_OUTPUT)
+    exported = run_cli(
+        ["state", "export", "--root", "node"], project, env={"PATH": f"{bin_dir}:/usr/bin:/bin"}
+    )
+    assert exported.exit_code == 0, exported.stderr
+    assert json.loads(exported.stdout)["cocoon_version"] == "v0.6.4"
+    without = run_cli(["state", "export", "--root", "node"], project, env={"PATH": "/nonexistent"})
+    assert json.loads(without.stdout)["cocoon_version"] is None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -489,7 +490,8 @@ def export_state(
     ``root_dir`` and ``run_dir`` are the node's own ``--root-dir`` (default ``/var/lib/cocoon``)
     and ``--run-dir`` (default ``<root_dir>/run``): the paths its records hold. ``cni_conf_dir``
     (the node's ``--cni-conf-dir`` or a copy) gives the state its ``default_network``;
-    ``cocoon`` (the node's cocoon binary) its ``cocoon_version``, from ``cocoon version``.
+    ``cocoon`` (the node's cocoon binary; default: ``cocoon`` on ``PATH``, when there is one) its
+    ``cocoon_version``, from ``cocoon version``.
     Raises StateError when the root or conf dir cannot be read or contradicts itself, or the
     binary does not answer; nothing is written.
     """
@@ -497,6 +499,8 @@ def export_state(
     found: dict[str, str | None] = {}
     if cni_conf_dir is not None:
         found["default_network"] = read_default_network(environment.cwd / cni_conf_dir)
-    if cocoon is not None:
-        found["cocoon_version"] = read_cocoon_version(cocoon, environment.env)
+    # On the node itself its cocoon is on PATH: ask it, unless told which binary to ask.
+    binary = cocoon or shutil.which("cocoon", path=environment.env.get("PATH"))
+    if binary is not None:
+        found["cocoon_version"] = read_cocoon_version(binary, environment.env)
     return state.model_copy(update=found)

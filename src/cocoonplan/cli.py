@@ -6,6 +6,7 @@ Exit codes: 0 success (no changes), 1 error, 2 changes present (with ``--detaile
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -81,8 +82,11 @@ def validate(paths: Paths = None) -> None:
         raise _fail(exc) from exc
     for item in specs:
         body = item.spec.spec
+        # File names and references come from the repository: shown, never interpreted.
         typer.echo(
-            f"ok  {item.file}:{item.line}  {item.spec.name} on {body.node}: {body.snapshot or body.image}"
+            plain(
+                f"ok  {item.file}:{item.line}  {item.spec.name} on {body.node}: {body.snapshot or body.image}"
+            )
         )
     typer.echo(f"{len(specs)} VM spec{'' if len(specs) == 1 else 's'} valid.")
 
@@ -168,10 +172,12 @@ def lock(
         raise _fail(exc) from exc
     for change in result.changes:
         typer.echo(
-            f"{'~' if change.before else '+'} {change.ref}: {change.before or '(new)'} → {change.after}"
+            plain(
+                f"{'~' if change.before else '+'} {change.ref}: {change.before or '(new)'} → {change.after}"
+            )
         )
     for original in result.removed:
-        typer.echo(f"- {original}: no spec references it")
+        typer.echo(plain(f"- {original}: no spec references it"))
     typer.echo(f"{result.path.name} {'written' if result.written else 'unchanged'}.")
 
 
@@ -197,11 +203,17 @@ def render(
     except CocoonplanError as exc:
         raise _fail(exc) from exc
     for line in changed:
-        typer.echo(line)
+        typer.echo(plain(line))
     if check and changed:
-        typer.echo(
-            f"{len(changed)} rendered file(s) differ; run `cocoonplan render --dir {directory}`.", err=True
+        again = " ".join(
+            [
+                "cocoonplan render",
+                *(shlex.quote(str(p)) for p in paths or []),
+                "--dir",
+                shlex.quote(str(directory)),
+            ]
         )
+        typer.echo(plain(f"{len(changed)} rendered file(s) differ; run `{again}`."), err=True)
         raise typer.Exit(1)
 
 
@@ -263,7 +275,10 @@ def state_export(
     ] = None,
     cocoon: Annotated[
         str | None,
-        typer.Option("--cocoon", help="The node's cocoon binary: records what `cocoon version` prints."),
+        typer.Option(
+            "--cocoon",
+            help="The node's cocoon binary [default: cocoon on PATH]: records what `cocoon version` prints.",
+        ),
     ] = None,
 ) -> None:
     """Print the node's state document (JSON) for a project's `state:`; no secrets, no local paths."""

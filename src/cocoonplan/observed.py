@@ -68,6 +68,12 @@ def _vm_config_only(config: dict[str, Any] | None) -> dict[str, Any] | None:
     return None if config is None else {k: v for k, v in config.items() if k in VM_CONFIG_KEYS}
 
 
+def comparable_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A config.json as a node's is observed: the VmConfig keys only, credentials redacted."""
+    kept: dict[str, Any] = redact_credentials(_vm_config_only(config))
+    return kept
+
+
 class NicAddress(Model):
     """A static address a network backend assigned (CNI IPAM); DHCP/bridge NICs have none."""
 

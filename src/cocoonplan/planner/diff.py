@@ -12,7 +12,7 @@ from deepdiff import DeepDiff
 from deepdiff.helper import notpresent
 
 from cocoonplan.cocoon import DiskRole, StorageConfig, layer_hex
-from cocoonplan.observed import ObservedVM
+from cocoonplan.observed import ObservedVM, comparable_config
 from cocoonplan.planner.model import BlobKind, Change, ConfigOrigin, DesiredVM, PlannedDisk
 
 
@@ -115,7 +115,9 @@ def diff_vm(desired: DesiredVM, vm: ObservedVM) -> tuple[Change, ...]:
     changes += blob_changes(desired, vm)
     if desired.config_origin is ConfigOrigin.WRITTEN:
         if vm.runtime_config is not None:
-            changes += config_changes(vm.runtime_config, desired.config)
+            # The node's copy is read as the VmConfig keys, credentials redacted: compare the
+            # plan's the same way, or a key outside them would look changed on every plan.
+            changes += config_changes(vm.runtime_config, comparable_config(desired.config))
         else:
             changes.append(Change(path="config", before=None, after="(the snapshot's config.json, patched)"))
     recorded = vm.boot_config.cmdline if vm.boot_config else None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from cocoonplan.bounded import InputLimitError, loads
+from cocoonplan.bounded import InputLimitError, loads_written_by_go
 from cocoonplan.errors import NotFoundError, ResolveError
 from cocoonplan.oci.manifest import INDEX_MEDIA_TYPES, Descriptor, Manifest, parse_index, parse_manifest
 from cocoonplan.oci.reference import Reference
@@ -79,10 +79,13 @@ class Content:
         return self._sources.store_for(ref.registry).get_blob(ref.repository, descriptor)
 
     def json_blob(self, ref: Reference, descriptor: Descriptor, what: str) -> Any:
-        """Fetch and decode a JSON blob, keeping key order, within the bounds of :func:`loads`."""
+        """Fetch and decode a JSON blob, keeping key order, within the bounds of :func:`loads`.
+
+        Every JSON file of an artifact was written by Go or serde: NaN, Infinity and a key
+        written twice mean it was not, and are refused rather than guessed at."""
         data = self.blob(ref, descriptor)
         try:
-            return loads(data)
+            return loads_written_by_go(data)
         except InputLimitError as exc:
             raise ResolveError(
                 f"{what} ({descriptor.digest} in {ref.name}) is {exc}",
