@@ -18,12 +18,14 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
 
 
-def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> Result:
-    """Invoke ``cocoonplan ARGS`` with ``cwd`` as the working directory."""
+def run_cli(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None, input_text: str | None = None
+) -> Result:
+    """Invoke ``cocoonplan ARGS`` with ``cwd`` as the working directory (``input_text`` on stdin)."""
     previous = Path.cwd()
     os.chdir(cwd)
     try:
-        return CliRunner().invoke(app, args, env=env, catch_exceptions=False)
+        return CliRunner().invoke(app, args, env=env, input=input_text, catch_exceptions=False)
     finally:
         os.chdir(previous)
 

@@ -1041,3 +1041,51 @@ def node_root(
         )
     for rel, data in sorted((extra_files or {}).items()):
         node.write(f"{root_dir}/{rel}", data)
+
+
+# --------------------------------------------------------------------------- export archives
+
+
+def export_tar(snap: Artifact, *, name: str | None = None, version: int = 1) -> bytes:
+    """The ``cocoon snapshot export`` tar of a snapshot artifact (§6.7, §6.5): ``snapshot.json``
+    (``{"config": SnapshotConfig, "version": 1}``, indented, newline, 0644) first, then the files
+    in name order; a file with a ``sparseMap`` is written as its data segments with the
+    ``COCOON.sparse.map``/``COCOON.sparse.size`` PAX records. ``name`` overrides the snapshot's
+    name (default: none, as a pulled snapshot has)."""
+    cfg: JSON = json.loads(snap.config.data)
+    blob_ids = cfg.get("imageBlobIds") or {}
+    snapshot_config: JSON = {
+        "cpu": cfg.get("cpu"),
+        "memory": cfg.get("memory"),
+        "storage": cfg.get("storage"),
+        "image": cfg.get("image"),
+        "image_digest": cfg.get("imageDigest"),
+        "image_type": cfg.get("imageType"),
+        "network": cfg.get("network"),
+        "windows": cfg.get("windows"),
+        "id": cfg.get("snapshotId"),
+        "name": name or "",
+        "description": cfg.get("description"),
+        "image_blob_ids": {h: {} for h in sorted(blob_ids)},
+        "hypervisor": cfg.get("hypervisor"),
+        "nics": cfg.get("nics"),
+    }
+    snapshot_config = {k: v for k, v in snapshot_config.items() if v or k == "name"}
+    envelope = go_json({"config": snapshot_config, "version": version}, indent=True) + b"\n"
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("snapshot.json")
+        info.mode, info.size, info.mtime = 0o644, len(envelope), 0
+        tar.addfile(info, io.BytesIO(envelope))
+        files = cfg.get("files") or {}
+        for title in sorted(files):
+            meta, data = files[title], snap.file(title)
+            info = tarfile.TarInfo(title)
+            info.mode, info.size, info.mtime = int(meta.get("mode", 0o644)), len(data), 0
+            if "sparseMap" in meta:
+                info.pax_headers = {
+                    "COCOON.sparse.map": meta["sparseMap"],
+                    "COCOON.sparse.size": str(meta["sparseSize"]),
+                }
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()

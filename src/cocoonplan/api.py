@@ -8,11 +8,16 @@ All I/O arrives through :class:`Environment`, never from globals.
 from __future__ import annotations
 
 import math
+import os
 import re
+import shlex
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+import socket
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -24,6 +29,10 @@ from cocoonplan.cocoon import BOOT_PATH
 from cocoonplan.context import ProjectContext
 from cocoonplan.document import read_documents
 from cocoonplan.errors import CocoonplanError, LockError, SpecError, StateError
+from cocoonplan.executors.apply import NodeTarget, World, apply_node, check_fresh
+from cocoonplan.executors.blobs import BlobProgress
+from cocoonplan.executors.cocoon import CocoonCLI
+from cocoonplan.executors.lease import hold, release
 from cocoonplan.lock import LockedDigests, LockEntry, LockFile, RefKind, encode_lock, read_lock
 from cocoonplan.model import NAME_PATTERN
 from cocoonplan.observed import NodeState, ObservedVM
@@ -32,8 +41,10 @@ from cocoonplan.oci.registry import DEFAULT_TIMEOUT_SECONDS
 from cocoonplan.oci.sources import open_sources
 from cocoonplan.planner import Action, Plan, PlanInput, make_plan
 from cocoonplan.planner.model import Diagnostic, LockChange
+from cocoonplan.planner.rules import RULES
+from cocoonplan.planner.steps import CONTENT_STEPS, Step, compile_steps
 from cocoonplan.project import LOCK_FILE, PROJECT_FILE, Arch, Project
-from cocoonplan.releases import CocoonVersion
+from cocoonplan.releases import CocoonLine, CocoonVersion
 from cocoonplan.resolved import (
     NodeView,
     PinnedRef,
@@ -62,6 +73,8 @@ class Environment:
 
     env: Mapping[str, str]
     cwd: Path
+    clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    """The time, for apply's lease and the records it writes; tests pass a fixed one."""
     timeout: float | None = None
     """Seconds any one wait on the outside world may take: connecting, each read and write, a
     pooled connection, a credential helper's whole run. A registry fetch gets DEADLINE_FACTOR
@@ -504,3 +517,104 @@ def export_state(
     if binary is not None:
         found["cocoon_version"] = read_cocoon_version(binary, environment.env)
     return state.model_copy(update=found)
+
+
+def node_root(node: str, environment: Environment, roots: Sequence[str] = ()) -> Path:
+    """The local directory of node ``node``'s cocoon root, where apply writes: ``--root`` for
+    it, else its ``state:`` when that is a directory (an exported document cannot be written)."""
+    context = find_project([Path()], environment.cwd)
+    settings = context.project.nodes.get(node)
+    if settings is None:
+        raise CocoonplanError(
+            f"node {node!r} is not declared in the project file",
+            hint=f"the project's nodes are: {', '.join(sorted(context.project.nodes)) or 'none'}",
+        )
+    local = state_overrides(roots, context, environment.cwd, directories=True).get(node)
+    if local is None and settings.state:
+        local = context.resolve(settings.state)
+    if local is None or not local.is_dir():
+        raise CocoonplanError(
+            f"node {node} has no cocoon root directory reachable from here",
+            hint=f"point its state: at its root directory, or pass --root {node}=DIR",
+        )
+    return local
+
+
+def force_unlock(node: str, lease_id: str, environment: Environment, roots: Sequence[str] = ()) -> None:
+    """Remove node ``node``'s apply lease ``lease_id`` (another ID is refused)."""
+    release(node_root(node, environment, roots), lease_id)
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    """What apply did: the steps carried out and the IDs cocoon chose, per node."""
+
+    steps: tuple[Step, ...]
+    created: dict[str, dict[str, str]]
+
+
+def apply(
+    saved: Plan,
+    environment: Environment,
+    *,
+    targets: Sequence[str] = (),
+    content_only: bool = False,
+    lock_wait: timedelta = timedelta(0),
+    progress: BlobProgress,
+    roots: Sequence[str] = (),
+) -> ApplyResult:
+    """Carry out ``saved`` (a plan read by :func:`cocoonplan.planfile.read_plan`, its digest
+    checked) on its nodes: steps → lease → freshness → execute → prove, node by node.
+
+    ``content_only`` runs the content steps alone (no cocoon binary needed). Raises before
+    changing anything when the plan cannot be carried out or is stale.
+    """
+    steps = compile_steps(saved, targets)
+    if content_only:
+        steps = tuple(step for step in steps if step.kind in CONTENT_STEPS)
+    context = find_project([Path()], environment.cwd)
+    nodes = sorted({step.node for step in steps})
+    locals_ = {node: node_root(node, environment, roots) for node in nodes}
+
+    def read_state(node: str) -> NodeState:
+        settings = context.project.nodes[node]
+        return read_node_root(locals_[node], settings.root_dir, settings.run_dir)
+
+    def replan(node: str) -> Plan:
+        files = sorted({vm.spec_file for vm in saved.vms if vm.node == node and vm.spec_file})
+        overrides = [f"{node}={locals_[node]}"]
+        return plan([context.directory / f for f in files], environment, roots=overrides)
+
+    created: dict[str, dict[str, str]] = {}
+    with environment.http() as client, open_sources(context, client, environment.env) as sources:
+        for node in nodes:
+            settings = context.project.nodes[node]
+            state = read_state(node)
+            release = node_release(node, settings, state)
+            rules = RULES[release.line if release else CocoonLine.V0_3]
+            cocoon = (
+                None
+                if content_only
+                else CocoonCLI(
+                    command=tuple(shlex.split(settings.cocoon)),
+                    root_dir=settings.root_dir,
+                    run_dir=settings.effective_run_dir,
+                    env=environment.env,
+                )
+            )
+            target = NodeTarget(node, locals_[node], rules, state.metadata_engine, cocoon)
+            world = World({node: target}, sources, progress, environment.clock, read_state, replan)
+            with hold(
+                locals_[node],
+                node=node,
+                owner=environment.env.get("USER", "cocoonplan"),
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                operation="apply --content-only" if content_only else "apply",
+                clock=environment.clock,
+                sleep=time.sleep,
+                wait=lock_wait,
+            ):
+                check_fresh(saved, node, read_state(node), targets)
+                created[node] = apply_node(saved, [s for s in steps if s.node == node], node, world).created
+    return ApplyResult(steps=steps, created=created)

@@ -304,3 +304,32 @@ def remove_file(directory: Path, name: str) -> None:
         raise _failure("remove", path, exc) from exc
     finally:
         os.close(dir_fd)
+
+
+def create_exclusive(directory: Path, name: str, data: bytes | str) -> bool:
+    """Create ``directory/name`` holding ``data`` only if nothing has that name; False when
+    something does. Written and synced under a temporary name, then hard-linked into place,
+    so the name never holds a partial file and two writers cannot both win."""
+    parts = _parts(directory, name)
+    path = directory.joinpath(*parts)
+    dir_fd = _walk(directory, parts[:-1], create=True)
+    try:
+        fd, temporary = _create_temporary(dir_fd, parts[-1], path)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data.encode() if isinstance(data, str) else data)
+                out.flush()
+                os.fsync(out.fileno())
+            try:
+                os.link(temporary, parts[-1], src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+            except FileExistsError:
+                return False
+            os.fsync(dir_fd)
+            return True
+        except OSError as exc:
+            raise _failure("write", path, exc) from exc
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary, dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)

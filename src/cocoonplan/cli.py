@@ -5,9 +5,11 @@ Exit codes: 0 success (no changes), 1 error, 2 changes present (with ``--detaile
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated
 
@@ -16,9 +18,11 @@ import typer
 from cocoonplan import __version__, api
 from cocoonplan.atomic import check_target, holds, update_file
 from cocoonplan.errors import CocoonplanError
+from cocoonplan.executors.blobs import progress_reporter
 from cocoonplan.gitops import differences, write_tree
 from cocoonplan.planfile import read_plan, write_plan
 from cocoonplan.planner.model import Plan
+from cocoonplan.planner.steps import compile_steps
 from cocoonplan.render import plan_document, render_human, render_json, render_markdown
 from cocoonplan.render.escape import plain, plain_lines
 from cocoonplan.resolvers.node import DEFAULT_ROOT_DIR, encode_state
@@ -149,13 +153,28 @@ def show(
     planfile: Annotated[Path, typer.Argument(help="A plan written by `cocoonplan plan --out`.")],
     as_json: AsJson = False,
     as_markdown: AsMarkdown = False,
+    steps: Annotated[
+        bool, typer.Option("--steps", help="Print the ordered steps apply would carry out, and nothing else.")
+    ] = False,
+    target: Annotated[
+        list[str] | None, typer.Option("--target", help="With --steps: only these VMs (repeatable).")
+    ] = None,
 ) -> None:
-    """Print a saved plan."""
+    """Print a saved plan, or the steps that carry it out."""
     try:
         saved = read_plan(planfile)
+        planned = compile_steps(saved, target or []) if steps else None
     except CocoonplanError as exc:
         raise _fail(exc) from exc
-    _print_plan(saved, as_json, as_markdown)
+    if planned is None:
+        _print_plan(saved, as_json, as_markdown)
+    elif as_json:
+        sys.stdout.write(json.dumps([step.model_dump(mode="json") for step in planned], indent=2) + "\n")
+    else:
+        for number, step in enumerate(planned, 1):
+            where = f"{step.node}/{step.vm}" if step.vm else step.node
+            what = " ".join(part for part in (step.digest or "", step.detail) if part)
+            typer.echo(plain(f"{number:>3}. {step.kind:<16} {where:<24} {what}"))
 
 
 @app.command()
@@ -242,6 +261,79 @@ def schemas(
 
 def _stale(directory: Path, name: str, text: str, *, write: bool) -> bool:
     return update_file(directory, name, text) if write else not holds(directory, name, text)
+
+
+@app.command()
+def apply(
+    what: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help="A plan written by `cocoonplan plan --out`, or spec files/directories to plan now."
+        ),
+    ] = None,
+    auto_approve: Annotated[
+        bool, typer.Option("--auto-approve", help="Apply a plan made now without asking.")
+    ] = False,
+    target: Annotated[list[str] | None, typer.Option("--target", help="Only these VMs (repeatable).")] = None,
+    content_only: Annotated[
+        bool,
+        typer.Option(
+            "--content-only", help="Fetch blobs, convert layers, record images; no VM changes, no cocoon."
+        ),
+    ] = False,
+    lock_timeout: Annotated[
+        float, typer.Option("--lock-timeout", help="Seconds to wait for another apply on a node.")
+    ] = 0.0,
+    root: Annotated[
+        list[str] | None, typer.Option("--root", help="[NODE=]DIR: the node's cocoon root directory.")
+    ] = None,
+) -> None:
+    """Carry out exactly a saved plan (or one made now, once approved), then prove the result."""
+    environment = _environment()
+    paths = what or [Path()]
+    try:
+        if len(paths) == 1 and paths[0].is_file() and paths[0].suffix not in (".yaml", ".yml"):
+            chosen = read_plan(paths[0])
+        else:
+            chosen = api.plan(paths, environment, roots=root or [])
+            sys.stdout.write(render_human(plan_document(chosen)))
+            if not chosen.has_changes:
+                typer.echo("Nothing to apply.")
+                return
+            if not auto_approve and not typer.confirm("Apply this plan?"):
+                raise typer.Exit(1)
+        with progress_reporter(sys.stderr) as progress:
+            result = api.apply(
+                chosen,
+                environment,
+                targets=target or [],
+                content_only=content_only,
+                lock_wait=timedelta(seconds=lock_timeout),
+                progress=progress,
+                roots=root or [],
+            )
+    except CocoonplanError as exc:
+        raise _fail(exc) from exc
+    for node, created in sorted(result.created.items()):
+        for name, vm_id in sorted(created.items()):
+            typer.echo(plain(f"{node}/{name}: created as {vm_id}"))
+    typer.echo(f"Applied {len(result.steps)} step(s); the nodes run the plan.")
+
+
+@app.command("force-unlock")
+def force_unlock(
+    node: Annotated[str, typer.Argument(help="The node whose apply lease to remove.")],
+    lease_id: Annotated[str, typer.Argument(help="The lease's id, as the refused apply printed it.")],
+    root: Annotated[
+        list[str] | None, typer.Option("--root", help="[NODE=]DIR: the node's cocoon root directory.")
+    ] = None,
+) -> None:
+    """Remove a node's apply lease whose holder is gone; the lease id must match."""
+    try:
+        api.force_unlock(node, lease_id, _environment(), root or [])
+    except CocoonplanError as exc:
+        raise _fail(exc) from exc
+    typer.echo(plain(f"lease {lease_id} on {node} removed."))
 
 
 @app.command()

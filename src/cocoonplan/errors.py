@@ -13,7 +13,8 @@
     ├── PlanError                    inputs resolved, but they cannot be planned
     │   ├── LayerMismatchError       a snapshot's layer set disagrees with its own records
     │   └── PlanFormatError          a saved plan file cannot be read
-    └── StateError                   a node's state cannot be read or is inconsistent
+    ├── StateError                   a node's state cannot be read or is inconsistent
+    └── ApplyError                   apply could not carry out a step on a node (convert, record, …)
 
 Each message says what failed, for which VM, reference, digest or file, and what to do next.
 """
@@ -102,3 +103,7 @@ class PlanFormatError(PlanError):
 
 class StateError(CocoonplanError):
     """A node's state files cannot be read or contradict each other."""
+
+
+class ApplyError(CocoonplanError):
+    """A step of apply failed on the node: nothing under the step's final names was changed."""

@@ -82,6 +82,9 @@ class NodeConfig(Model):
     cocoon_version: str | None = Field(default=None, alias="cocoonVersion")
     """The cocoon release the node runs (``cocoon version``); overrides the exported state's
     and what the root's layout shows."""
+    cocoon: str = "cocoon"
+    """The node's cocoon command for apply (a binary, with arguments if any, shell-quoted);
+    the global flags ``--root-dir`` and ``--run-dir`` follow from this node's settings."""
     cloud_hypervisor: HypervisorBuild = Field(default=HypervisorBuild.UPSTREAM, alias="cloudHypervisor")
     """Which Cloud Hypervisor build the node runs: it decides whether cocoon's ``mmap`` restore works."""
 

@@ -60,6 +60,8 @@ class ResolvedSnapshot(Model):
     annotations: dict[str, str]
     config: SnapshotConfig
     """The artifact's config blob."""
+    config_blob: BlobRef
+    """Where the config blob is, for apply to fetch it by digest."""
     files: tuple[BlobRef, ...]
     """Every file of the artifact (cocoon.json, config.json, cow.raw, …) in manifest order."""
     meta: SnapshotMeta

@@ -26,10 +26,12 @@ from pathlib import Path
 from typing import BinaryIO
 
 from cocoonplan.atomic import atomic_writer, open_regular, remove_file
-from cocoonplan.errors import CocoonplanError, DigestMismatchError, ResolveError
+from cocoonplan.errors import CocoonplanError, DigestMismatchError, RegistryError, ResolveError
 from cocoonplan.oci.manifest import Descriptor, media_type_of
 from cocoonplan.oci.store import (
     MAX_MANIFEST_BYTES,
+    BlobBody,
+    BlobReader,
     ContentStore,
     RawManifest,
     is_digest_selector,
@@ -257,6 +259,18 @@ class CachingStore:
             return
         self.inner.download_blob(repository, descriptor, dest)
         self.cache.fill(descriptor, dest)
+
+    def open_blob(
+        self, repository: str, descriptor: Descriptor, offset: int = 0
+    ) -> contextlib.AbstractContextManager[BlobBody]:
+        """Stream a blob from the inner store, past the cache: a caller streaming from an offset
+        resumes a download and places the blob itself (the blob executor)."""
+        if not isinstance(self.inner, BlobReader):
+            raise RegistryError(
+                f"{self.inner.describe()} cannot stream blobs from an offset",
+                hint="read this registry from a registry endpoint or an OCI layout",
+            )
+        return self.inner.open_blob(repository, descriptor, offset)
 
     def _cached_manifest(self, digest: str, content: bytes, name: str) -> RawManifest | None:
         media_type = None if _declares_media_type(content) else self.cache.recalled_media_type(digest)

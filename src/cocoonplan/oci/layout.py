@@ -8,19 +8,29 @@ repository. (With skopeo: ``skopeo copy ... oci:DIR:repository:tag``.)
 
 A digest selector reads ``blobs/sha256/<hex>`` directly, whatever the repository: a layout
 is one content-addressed pool. Every read is verified against its digest, and against the
-size recorded in ``index.json`` or the descriptor.
+size recorded in ``index.json`` or the descriptor; ``open_blob`` leaves that to its caller.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from cocoonplan.bounded import InputLimitError, loads, read_limited
 from cocoonplan.errors import NotFoundError, RegistryError
 from cocoonplan.oci.manifest import REF_NAME_ANNOTATION, Descriptor, media_type_of
-from cocoonplan.oci.store import MAX_MANIFEST_BYTES, RawManifest, is_digest_selector, manifest_name
+from cocoonplan.oci.store import (
+    MAX_MANIFEST_BYTES,
+    BlobBody,
+    RawManifest,
+    is_digest_selector,
+    manifest_name,
+)
 from cocoonplan.oci.verifier import (
+    CHUNK_SIZE,
     Verifier,
     read_chunks,
     require_sha256,
@@ -86,6 +96,21 @@ class LayoutStore:
         write_verified(
             dest, read_chunks(source), Verifier(descriptor.digest, descriptor.size, what, self.describe())
         )
+
+    @contextlib.contextmanager
+    def open_blob(self, repository: str, descriptor: Descriptor, offset: int = 0) -> Iterator[BlobBody]:
+        """Stream a blob's bytes from ``offset``, unverified: the caller verifies them."""
+        self._index()
+        what = f"blob {descriptor.digest} of {repository}"
+        source = self._blob_path(descriptor.digest, what)
+        try:
+            with source.open("rb") as file:
+                file.seek(offset)
+                yield BlobBody(start=offset, chunks=iter(partial(file.read, CHUNK_SIZE), b""))
+        except OSError as exc:
+            raise RegistryError(
+                f"cannot read {source} in {self.describe()}: {exc}", hint=_LAYOUT_HINT
+            ) from exc
 
     def _index(self) -> list[dict[str, Any]]:
         """Check the layout and load ``index.json`` entries; RegistryError names the path otherwise."""

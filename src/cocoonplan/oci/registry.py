@@ -6,7 +6,9 @@ Guarantees:
   those bytes must hash to it, and a ``Docker-Content-Digest`` header that names another
   sha256 digest is a mismatch too (DigestMismatchError);
 * blobs are checked against the descriptor's digest and size; streamed downloads appear
-  under ``dest`` only once verified, never half-written;
+  under ``dest`` only once verified, never half-written. :meth:`RegistryStore.open_blob` is
+  the one exception: it streams raw bytes from an offset to a caller that verifies them
+  itself while resuming (the blob executor);
 * one request per fetch (plus at most one authentication round): no hidden retries, so a
   dead endpoint fails as fast as the connection does;
 * every request, the token request included, carries the client's timeouts, and every fetch
@@ -37,7 +39,13 @@ from cocoonplan.model import sha256_digest
 from cocoonplan.oci.authenticator import BODY_LIMIT, RegistryAuth
 from cocoonplan.oci.credentials import Credentials
 from cocoonplan.oci.manifest import ACCEPT_MANIFESTS, Descriptor, media_type_of
-from cocoonplan.oci.store import MAX_MANIFEST_BYTES, RawManifest, is_digest_selector, manifest_name
+from cocoonplan.oci.store import (
+    MAX_MANIFEST_BYTES,
+    BlobBody,
+    RawManifest,
+    is_digest_selector,
+    manifest_name,
+)
 from cocoonplan.oci.verifier import (
     CHUNK_SIZE,
     Verifier,
@@ -141,7 +149,7 @@ class _Watch:
     def __call__(self, response: httpx.Response) -> None:
         deadline = response.request.extensions.get(_DEADLINE)
         if isinstance(deadline, Deadline) and isinstance(response.stream, httpx.SyncByteStream):
-            ok = response.status_code == httpx.codes.OK
+            ok = response.status_code in (httpx.codes.OK, httpx.codes.PARTIAL_CONTENT)
             limit = response.request.extensions[BODY_LIMIT] if ok else ERROR_BODY_LIMIT
             response.stream = _BoundedStream(response.stream, deadline, limit)
 
@@ -280,18 +288,52 @@ class RegistryStore:
         with self._open(url, what, descriptor.size, encoding="identity") as response:
             write_verified(dest, response.iter_raw(), verifier)
 
+    @contextlib.contextmanager
+    def open_blob(self, repository: str, descriptor: Descriptor, offset: int = 0) -> Iterator[BlobBody]:
+        """Stream a blob's raw bytes from ``offset`` (a ``Range: bytes=N-`` request), unverified.
+
+        A server that ignores the range answers 200 with the whole blob (``start`` 0); a 206
+        for another range than the one asked is a RegistryError. The fetch has its deadline
+        and its body the descriptor's size as cap, as every other.
+        """
+        what = f"blob {descriptor.digest} of {repository}"
+        url = self._blob_url(repository, descriptor)
+        with self._open(url, what, descriptor.size, encoding="identity", offset=offset) as response:
+            start = 0
+            if response.status_code == httpx.codes.PARTIAL_CONTENT:
+                served = response.headers.get("content-range", "")
+                if not served.startswith(f"bytes {offset}-"):
+                    raise RegistryError(
+                        f"{self.describe()} answered the request for {what} from byte {offset} "
+                        f"with another range ({served or 'no Content-Range'})",
+                        hint=f"the registry at {self.endpoint} mishandles ranged requests; use a mirror",
+                    )
+                start = offset
+            yield BlobBody(start=start, chunks=response.iter_raw())
+
     def _blob_url(self, repository: str, descriptor: Descriptor) -> str:
         return f"{self.endpoint}/v2/{repository}/blobs/{descriptor.digest}"
 
     @contextlib.contextmanager
     def _open(
-        self, url: str, what: str, limit: int, accept: str | None = None, encoding: str | None = None
+        self,
+        url: str,
+        what: str,
+        limit: int,
+        accept: str | None = None,
+        encoding: str | None = None,
+        offset: int = 0,
     ) -> Iterator[httpx.Response]:
-        """GET ``url`` as a stream under a new :class:`Deadline`, its body capped near ``limit``
-        bytes; turn HTTP and transport failures into errors naming ``what`` and the URL that failed."""
+        """GET ``url`` (from byte ``offset`` when not 0) as a stream under a new :class:`Deadline`,
+        its body capped near ``limit`` bytes; turn HTTP and transport failures into errors naming
+        ``what`` and the URL that failed."""
         headers = {"Accept": accept} if accept else {}
         if encoding:
             headers["Accept-Encoding"] = encoding
+        answers = {httpx.codes.OK}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+            answers.add(httpx.codes.PARTIAL_CONTENT)
         deadline = Deadline(self._deadline_seconds, what, self.describe(), self._watch)
         extensions = {_DEADLINE: deadline, BODY_LIMIT: limit, "trace": deadline.trace}
         try:
@@ -301,9 +343,13 @@ class RegistryStore:
                     "GET", url, headers=headers, auth=self._auth, follow_redirects=True, extensions=extensions
                 ) as response,
             ):
-                if response.status_code != httpx.codes.OK:
+                if response.status_code not in answers:
                     response.read()
-                    raise self._status_error(response, what)
+                    # The status as the cause, so that is_transient can tell a 503 from a 404.
+                    cause = httpx.HTTPStatusError(
+                        f"HTTP {response.status_code}", request=response.request, response=response
+                    )
+                    raise self._status_error(response, what) from cause
                 yield response
         except httpx.TimeoutException as exc:
             failed = _failed_url(exc, url)
@@ -383,6 +429,16 @@ class RegistryStore:
                     hint="this is not a manifest cocoonplan can use; check the reference",
                 )
         return b"".join(chunks)
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether a failed fetch may succeed when tried again: the connection failed, was dropped
+    or timed out (also by the fetch's deadline, which interrupts a read), or the server
+    answered 5xx. Anything else (404, 401, a mismatch) fails the same way again."""
+    cause = error.__cause__ or error.__context__
+    if isinstance(cause, httpx.HTTPStatusError):
+        return cause.response.status_code >= httpx.codes.INTERNAL_SERVER_ERROR
+    return isinstance(cause, httpx.TransportError)
 
 
 def _failed_url(exc: httpx.HTTPError, url: str) -> httpx.URL:

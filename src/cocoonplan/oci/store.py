@@ -2,13 +2,16 @@
 
 A :class:`ContentStore` serves one registry host's content, from the registry itself, a
 mirror endpoint or an OCI image layout directory. Implementations verify every digest they
-are asked for; callers never see unverified bytes.
+are asked for; callers never see unverified bytes, except through :class:`BlobReader`, whose
+callers verify while they resume.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from cocoonplan.model import Digest, Model
 from cocoonplan.oci.manifest import Descriptor
@@ -59,4 +62,24 @@ class ContentStore(Protocol):
 
     def download_blob(self, repository: str, descriptor: Descriptor, dest: Path) -> None:
         """Stream a blob to ``dest``, verifying digest and size; ``dest`` appears only when verified."""
+        ...
+
+
+class BlobBody(NamedTuple):
+    """A blob's bytes as a source streams them, from ``start`` on; not verified yet."""
+
+    start: int
+    """Offset in the blob of the first byte of ``chunks``: the offset asked for, or 0 when the
+    source ignored it and sends the whole blob again."""
+    chunks: Iterator[bytes]
+
+
+@runtime_checkable
+class BlobReader(Protocol):
+    """A store that streams a blob from an offset, for callers that verify, resume and place it themselves."""
+
+    def open_blob(
+        self, repository: str, descriptor: Descriptor, offset: int = 0
+    ) -> AbstractContextManager[BlobBody]:
+        """The blob's raw bytes from ``offset``, while the ``with`` lasts; the caller verifies them."""
         ...

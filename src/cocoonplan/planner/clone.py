@@ -222,10 +222,10 @@ def plan_clone(loaded: LoadedSpec, resolved: ResolvedVM, target: Target, identit
             media_type=f.media_type,
             source=f.source,
             present=False,
-            kind=BlobKind.SNAPSHOT_FILE,
+            kind=BlobKind.SNAPSHOT_FILE if f.title else BlobKind.SNAPSHOT_CONFIG,
             title=f.title,
         )
-        for f in snapshot.files
+        for f in (snapshot.config_blob, *snapshot.files)
     ]
     digests = [
         f"sha256:{hexes[i]}" if d.role is DiskRole.LAYER else _file_digest(snapshot, d)

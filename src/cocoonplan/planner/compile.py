@@ -131,6 +131,7 @@ def plan_vm(item: PlanInput, view: NodeView) -> VMPlan:
     kept = compile_vm(item, kept_identity(running, nic_count(item)), view)
     changes = diff_vm(kept, running)
     observed = {
+        "observed_id": running.id,
         "observed_state": running.state,
         "observed_fingerprint": running.fingerprint(),
         "drift": drift_of(running, view),
@@ -215,6 +216,7 @@ def observed_plan(vm: ObservedVM, view: NodeView, action: Action, reason: str) -
         action=action,
         reason=reason,
         drift=drift_of(vm, view),
+        observed_id=vm.id,
         observed_state=vm.state,
         observed_fingerprint=vm.fingerprint(),
         fetch_bytes=0,

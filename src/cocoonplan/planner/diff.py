@@ -14,23 +14,17 @@ from deepdiff.helper import notpresent
 from cocoonplan.cocoon import DiskRole, StorageConfig, layer_hex
 from cocoonplan.observed import ObservedVM, comparable_config
 from cocoonplan.planner.model import BlobKind, Change, ConfigOrigin, DesiredVM, PlannedDisk
+from cocoonplan.planner.parts import planned_disk
 
 
 def observed_disk(index: int, config: StorageConfig) -> PlannedDisk:
     """A disk of the node's VM record in the plan's terms (layers carry their digest)."""
     hex_ = layer_hex(config) if config.role is DiskRole.LAYER else None
-    return PlannedDisk(
-        index=index,
-        serial=config.serial,
-        role=config.role,
-        path=config.path,
-        readonly=config.ro,
-        digest=f"sha256:{hex_}" if hex_ else None,
-    )
+    return planned_disk(index, config, f"sha256:{hex_}" if hex_ else None)
 
 
 def _disk_view(disk: PlannedDisk) -> dict[str, Any]:
-    view = disk.model_dump(mode="json", exclude={"index"})
+    view = disk.model_dump(mode="json", exclude={"index", "size"})
     if disk.role is not DiskRole.LAYER:
         # The node does not record which snapshot file a COW or data disk came from.
         view.pop("digest")

@@ -69,6 +69,9 @@ class BlobKind(StrEnum):
     """An OCI image layer, converted to ``<root>/oci/blobs/<hex>.erofs`` on the node."""
     SNAPSHOT_FILE = "snapshot-file"
     """A file of a snapshot artifact (cocoon.json, config.json, cow.raw, memory-ranges, …)."""
+    SNAPSHOT_CONFIG = "snapshot-config"
+    """A snapshot artifact's config blob: the record ``snapshot import`` is given, and each
+    file's mode and sparse map."""
 
 
 class PlannedBlob(Model):
@@ -97,6 +100,15 @@ class PlannedDisk(Model):
     readonly: bool
     digest: Digest | None
     """The layer blob (layers) or snapshot file (cloned cow/data disks) it is made from; None when created empty."""
+    mount_point: str | None = None
+    """Data disks: where the guest mounts it (cocoon's StorageConfig)."""
+    fstype: str | None = None
+    """Data disks: ``ext4`` or ``none``."""
+    direct_io: bool | None = None
+    """Data disks: the O_DIRECT override; None follows the VM's rule."""
+    size: int | None = None
+    """Data disks cocoon creates empty: their size in bytes (``--data-disk size=``); cocoon
+    records no size, so it is never compared with the node."""
 
 
 class PlannedNic(Model):
@@ -235,6 +247,9 @@ class VMPlan(DesiredVM):
     """The fields that force a replace (cocoon cannot change them on a running VM)."""
     changes: tuple[Change, ...] = ()
     drift: tuple[Drift, ...] = ()
+    observed_id: str | None = None
+    """The ID of the VM of this name on the node: the one a replace or delete removes (a
+    replace's own ``vm_id`` is the new VM's); None when there is none."""
     observed_state: str | None = None
     """The state cocoon records for the VM on the node (``running``, ``stopped``, …); None when absent or unknown."""
     observed_fingerprint: Digest | None = None

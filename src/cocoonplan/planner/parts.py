@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from cocoonplan.cocoon import StorageConfig
@@ -52,10 +52,29 @@ def layer_blobs(layers: Iterable[BlobRef], present: frozenset[str]) -> list[Plan
     ]
 
 
-def planned_disks(disks: Sequence[StorageConfig], digests: Sequence[str | None]) -> tuple[PlannedDisk, ...]:
-    """The disks in hypervisor order, each with the blob it is made from (None when created empty)."""
+def planned_disk(index: int, disk: StorageConfig, digest: str | None, size: int | None = None) -> PlannedDisk:
+    """One disk in the plan's terms: cocoon's StorageConfig, the blob it is made from (None when
+    created empty) and, for a data disk cocoon creates, its size."""
+    return PlannedDisk(
+        index=index,
+        serial=disk.serial,
+        role=disk.role,
+        path=disk.path,
+        readonly=disk.ro,
+        digest=digest,
+        mount_point=disk.mount_point,
+        fstype=disk.fstype,
+        direct_io=disk.direct_io,
+        size=size,
+    )
+
+
+def planned_disks(
+    disks: Sequence[StorageConfig], digests: Sequence[str | None], sizes: Mapping[str, int] | None = None
+) -> tuple[PlannedDisk, ...]:
+    """The disks in hypervisor order; ``sizes`` by serial for the data disks cocoon creates."""
     return tuple(
-        PlannedDisk(index=i, serial=d.serial, role=d.role, path=d.path, readonly=d.ro, digest=digest)
+        planned_disk(i, d, digest, (sizes or {}).get(d.serial))
         for i, (d, digest) in enumerate(zip(disks, digests, strict=True))
     )
 

@@ -132,7 +132,11 @@ def plan_run(
         network=body.network or target.default_network or "",
         interfaces=planned_nics(identity.nics, tuning),
         blobs=tuple(layer_blobs(image.layers, present)),
-        disks=planned_disks(disks, layer_digests + [None] * (len(disks) - len(layer_digests))),
+        disks=planned_disks(
+            disks,
+            layer_digests + [None] * (len(disks) - len(layer_digests)),
+            {disk.name: disk.size for disk in body.data_disks},
+        ),
         boot_files=(kernel, initrd),
         image_record=image_record(image, state),
         config=run_config(api_socket=api_socket, disks=disks, nics=identity.nics, boot=boot, tuning=tuning),

@@ -38,7 +38,7 @@ from pydantic import BaseModel, Field, ValidationError
 from cocoonplan.bounded import InputLimitError, loads_written_by_go
 from cocoonplan.cocoon import MetadataEngine, SnapshotMeta
 from cocoonplan.errors import StateError
-from cocoonplan.model import Model, sha256_digest
+from cocoonplan.model import Digest, Model, sha256_digest
 from cocoonplan.nodefs import Cap, Listing, Tree, describe
 from cocoonplan.observed import (
     OWNERSHIP_FILE,
@@ -306,6 +306,8 @@ class _OwnershipFile(Model):
 
     format_version: int
     vms: dict[str, Owner] = Field(default_factory=dict)
+    applied_plan: Digest | None = None
+    """The digest of the last plan apply carried out on the node."""
 
 
 def _owners(root: _Root) -> dict[str, Owner]:

@@ -115,6 +115,12 @@ def resolve_snapshot(content: Content, ref: Reference, label: str, arch: Arch) -
         artifact_type=manifest.artifact_type,
         annotations=manifest.annotations,
         config=config,
+        config_blob=BlobRef(
+            digest=manifest.config.digest,
+            size=manifest.config.size,
+            media_type=manifest.config.media_type,
+            source=ref.name,
+        ),
         files=tuple(
             BlobRef(digest=f.digest, size=f.size, media_type=f.media_type, source=ref.name, title=f.title)
             for f in manifest.layers
