@@ -32,6 +32,11 @@ Environment:
 - ``COCOON_EMULATOR_CPUS`` (host CPU count, default ``os.cpu_count()``),
   ``COCOON_EMULATOR_HUGEPAGES=1`` (``nr_hugepages`` > 0; default off),
   ``COCOON_EMULATOR_NOW`` (a fixed timestamp for every record).
+- ``COCOON_EMULATOR_FAULT``: comma-separated faults a test injects (never cocoon's behaviour):
+  ``clone-drop-top-layers:N`` makes ``vm clone`` write a VM without its snapshot's top N layers
+  (in its record and its ``config.json``: the layer substitution of cocoon #46);
+  ``import-sleep:SECONDS`` makes ``snapshot import`` sleep after extracting its first file (the
+  pending record written, the data directory half full), so a test can kill it there.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ import socket
 import stat
 import sys
 import tarfile
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path, PurePosixPath
@@ -75,6 +81,15 @@ class CocoonError(Exception):
 
 def fail(message: str) -> NoReturn:
     raise CocoonError(message)
+
+
+def fault(name: str) -> str | None:
+    """The argument of the injected fault ``name`` (``COCOON_EMULATOR_FAULT``), None without it."""
+    for item in os.environ.get("COCOON_EMULATOR_FAULT", "").split(","):
+        key, _, value = item.strip().partition(":")
+        if key == name:
+            return value
+    return None
 
 
 # --------------------------------------------------------------------------- encoding and time
@@ -831,6 +846,11 @@ def clone_files(node: Node, src: Path, dst: Path, vm_dir: str, cfg: JSON, base: 
         if new is not None and new != sc["path"]:
             moves[sc["path"]] = new
             sc["path"] = new
+    dropped = int(fault("clone-drop-top-layers") or 0)
+    if dropped:  # injected: the clone runs fewer layers than its snapshot (cocoon #46)
+        gone = {sc["path"] for sc in [sc for sc in scs if sc["role"] == "layer"][-dropped:]}
+        scs = [sc for sc in scs if sc["path"] not in gone]
+        ch["disks"] = [d for d in disks if d.get("path") not in gone]
     payload = ch.get("payload") or {}
     boot = {k: payload[p] for k, p in (("kernel_path", "kernel"), ("initrd_path", "initramfs"),
                                        ("cmdline", "cmdline"), ("firmware_path", "firmware")) if payload.get(p)}  # fmt: skip
@@ -1047,8 +1067,12 @@ def snapshot_import(node: Node, flags: Flags, args: list[str]) -> None:
         host_dir = node.host(data_dir)
         try:
             host_dir.mkdir(parents=True)
+            pause = fault("import-sleep")
             for member in members:
                 extract_member(tar, member, host_dir)
+                if pause:  # injected: a slow extract a test kills midway
+                    time.sleep(float(pause))
+                    pause = None
         except BaseException as exc:
             shutil.rmtree(host_dir, ignore_errors=True)
             with db.locked():

@@ -14,7 +14,7 @@ import shlex
 import shutil
 import socket
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -29,7 +29,7 @@ from cocoonplan.cocoon import BOOT_PATH
 from cocoonplan.context import ProjectContext
 from cocoonplan.document import read_documents
 from cocoonplan.errors import CocoonplanError, LockError, SpecError, StateError
-from cocoonplan.executors.apply import NodeTarget, World, apply_node, check_fresh
+from cocoonplan.executors.apply import NodeTarget, World, apply_node, check_fresh, record_adoption
 from cocoonplan.executors.blobs import BlobProgress
 from cocoonplan.executors.cocoon import CocoonCLI
 from cocoonplan.executors.lease import hold, release
@@ -40,7 +40,8 @@ from cocoonplan.oci.reference import parse_reference
 from cocoonplan.oci.registry import DEFAULT_TIMEOUT_SECONDS
 from cocoonplan.oci.sources import open_sources
 from cocoonplan.planner import Action, Plan, PlanInput, make_plan
-from cocoonplan.planner.model import Diagnostic, LockChange
+from cocoonplan.planner.compile import summarize
+from cocoonplan.planner.model import Diagnostic, LockChange, VMPlan
 from cocoonplan.planner.rules import RULES
 from cocoonplan.planner.steps import CONTENT_STEPS, Step, compile_steps
 from cocoonplan.project import LOCK_FILE, PROJECT_FILE, Arch, Project
@@ -364,6 +365,7 @@ def plan(
     roots: Sequence[str] = (),
     states: Sequence[str] = (),
     assume_empty: Sequence[str] = (),
+    adopting: Collection[tuple[str, str]] = (),
 ) -> Plan:
     """Plan every VM under ``paths`` against its node.
 
@@ -373,6 +375,7 @@ def plan(
     ``roots`` (``[NODE=]DIR``, cocoon root directories) and ``states`` (``[NODE=]FILE``,
     exported state documents) override where a node's state is read from; ``assume_empty``
     names nodes without state to plan as empty (otherwise their VMs are planned as unknown).
+    ``adopting`` names (node, VM) pairs cocoonplan did not create to plan as if it had.
     """
     context, specs = load_all(paths, environment)
     lock_path, lock_display = _lock_path(context)
@@ -412,6 +415,7 @@ def plan(
         lock_changes=tuple(pinner.changes.values()),
         errors=errors,
         warnings=warnings,
+        adopting=adopting,
     )
 
 
@@ -618,3 +622,102 @@ def apply(
                 check_fresh(saved, node, read_state(node), targets)
                 created[node] = apply_node(saved, [s for s in steps if s.node == node], node, world).created
     return ApplyResult(steps=steps, created=created)
+
+
+@dataclass(frozen=True)
+class Adoption:
+    """A VM cocoonplan did not create, planned against its spec as if it had (``import``)."""
+
+    plan: Plan
+    """The plan of the spec file, the VM planned as if owned."""
+    vm: VMPlan
+    """That VM's entry: how it differs from the spec."""
+    local: Path
+    """The node's cocoon root directory, where its ownership record is written."""
+
+    def shown(self) -> Plan:
+        """The plan of this VM alone, to show before it is imported."""
+        vm = self.vm
+        alone = self.plan.model_copy(
+            update={
+                "vms": (vm,),
+                "errors": (),
+                # Warnings about other VMs (one of the same name on another node) are not its.
+                "warnings": tuple(w for w in self.plan.warnings if w.vm is None),
+                "summary": summarize([vm], []),
+            }
+        )
+        return alone.model_copy(update={"digest": alone.content_digest()})
+
+
+def plan_import(
+    node: str, name: str, spec: Path, environment: Environment, roots: Sequence[str] = ()
+) -> Adoption:
+    """Plan the VM ``name`` on ``node``, which cocoonplan did not create, against the spec file
+    ``spec`` as if cocoonplan owned it; nothing is written. Raises when the spec does not
+    define it, the node has no root reachable from here, the VM is missing or already owned,
+    or the spec cannot make it (another mode, an error planning it)."""
+    local = node_root(node, environment, roots)
+    _, specs = load_all([spec], environment)
+    if not any(s.spec.spec.node == node and s.spec.name == name for s in specs):
+        defined = ", ".join(sorted(f"{s.spec.spec.node}/{s.spec.name}" for s in specs)) or "no VM"
+        raise SpecError(
+            f"defines {defined}, not {node}/{name}",
+            file=str(spec),
+            hint=f"give the spec file that defines VM {name} on node {node}",
+        )
+    state = _local_state(node, local, environment)
+    observed = state.vm_named(name)
+    if observed is None:
+        raise StateError(
+            f"no VM named {name} is on node {node}",
+            hint=f"`cocoonplan import` takes a VM cocoon already runs; `cocoonplan apply {spec}` creates one",
+        )
+    if observed.owner is not None:
+        raise StateError(
+            f"VM {name} ({observed.id}) on node {node} is already cocoonplan's (from {observed.owner.spec_file})",
+            hint="plan and apply it as any other VM: `cocoonplan plan`",
+        )
+    planned = plan([spec], environment, roots=[f"{node}={local}"], adopting={(node, name)})
+    if failed := next((e for e in planned.errors if e.vm == name), None):
+        raise CocoonplanError(failed.summary, detail=failed.detail, hint=failed.hint)
+    vm = next(v for v in planned.vms if v.node == node and v.name == name)
+    if vm.action is Action.UNKNOWN:
+        raise StateError(
+            f"VM {name} on node {node} cannot be imported now: {vm.reason}",
+            hint="import it once cocoon records it as running, stopped or created",
+        )
+    return Adoption(plan=planned, vm=vm, local=local)
+
+
+def _local_state(node: str, local: Path, environment: Environment) -> NodeState:
+    settings = find_project([Path()], environment.cwd).project.nodes[node]
+    return read_node_root(local, settings.root_dir, settings.run_dir)
+
+
+def adopt(adoption: Adoption, environment: Environment) -> str:
+    """Record the planned VM in its node's ownership file under the node's lease, refusing it
+    when the VM changed since it was planned; returns its ID."""
+    vm = adoption.vm
+    with hold(
+        adoption.local,
+        node=vm.node,
+        owner=environment.env.get("USER", "cocoonplan"),
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        operation=f"import {vm.node}/{vm.name}",
+        clock=environment.clock,
+        sleep=time.sleep,
+    ):
+        state = _local_state(vm.node, adoption.local, environment)
+        observed = state.vm_named(vm.name)
+        if (
+            observed is not None
+            and observed.owner is None
+            and observed.fingerprint() != vm.observed_fingerprint
+        ):
+            raise StateError(
+                f"VM {vm.name} on node {vm.node} changed since it was planned for import",
+                hint="run `cocoonplan import` again",
+            )
+        return record_adoption(adoption.plan, vm.node, vm.name, adoption.local, state)

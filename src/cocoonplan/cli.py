@@ -21,7 +21,7 @@ from cocoonplan.errors import CocoonplanError
 from cocoonplan.executors.blobs import progress_reporter
 from cocoonplan.gitops import differences, write_tree
 from cocoonplan.planfile import read_plan, write_plan
-from cocoonplan.planner.model import Plan
+from cocoonplan.planner.model import Action, Plan
 from cocoonplan.planner.steps import compile_steps
 from cocoonplan.render import plan_document, render_human, render_json, render_markdown
 from cocoonplan.render.escape import plain, plain_lines
@@ -318,6 +318,41 @@ def apply(
         for name, vm_id in sorted(created.items()):
             typer.echo(plain(f"{node}/{name}: created as {vm_id}"))
     typer.echo(f"Applied {len(result.steps)} step(s); the nodes run the plan.")
+
+
+@app.command("import")
+def import_(
+    address: Annotated[
+        str, typer.Argument(metavar="NODE/NAME", help="The VM cocoon created: its node and name.")
+    ],
+    spec: Annotated[Path, typer.Argument(help="The spec file that defines the VM.")],
+    auto_approve: Annotated[
+        bool, typer.Option("--auto-approve", help="Import without asking after showing the differences.")
+    ] = False,
+    root: Annotated[
+        list[str] | None, typer.Option("--root", help="[NODE=]DIR: the node's cocoon root directory.")
+    ] = None,
+) -> None:
+    """Take a VM cocoonplan did not create into its ownership, after showing how it differs from SPEC."""
+    node, _, name = address.partition("/")
+    environment = _environment()
+    try:
+        if not node or not name or "/" in name:
+            raise CocoonplanError(f"{address!r} is not NODE/NAME", hint="for example: node-a/legacy-tool")
+        adoption = api.plan_import(node, name, spec, environment, root or [])
+        sys.stdout.write(render_human(plan_document(adoption.shown())))
+        vm = adoption.vm
+        if vm.action is Action.REPLACE:
+            typer.echo(
+                plain(f"Once imported, `cocoonplan apply` replaces {address}: it differs from {spec}.")
+            )
+        if not auto_approve and not typer.confirm(f"Import {address} into cocoonplan's ownership?"):
+            typer.echo("Nothing imported.")
+            raise typer.Exit(1)
+        vm_id = api.adopt(adoption, environment)
+    except CocoonplanError as exc:
+        raise _fail(exc) from exc
+    typer.echo(plain(f"{address} ({vm_id}) imported: cocoonplan now plans it from {vm.spec_file}."))
 
 
 @app.command("force-unlock")

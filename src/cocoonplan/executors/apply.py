@@ -130,9 +130,13 @@ def _snapshot_config(path: Path, digest: str) -> SnapshotConfig:
 
 def import_snapshot(plan: Plan, step: Step, target: NodeTarget, staging: Path, state: NodeState) -> None:
     """``cocoon snapshot import`` of the verified artifact under its digest-derived name; a
-    snapshot of that name already on the node is the same content (the name is its digest)."""
+    snapshot of that name already on the node is the same content (the name is its digest),
+    unless cocoon left it ``pending`` (an import killed midway): that one is removed and
+    imported again (the caller holds the node's lease: no other apply is writing it)."""
     if any(snapshot.name == step.detail for snapshot in state.snapshots):
-        return
+        if not _pending(_cli(target, step), step.detail):
+            return
+        _cli(target, step).run(["snapshot", "rm", step.detail])
     vm = _vm(plan, step)
     config = next(b for b in vm.blobs if b.kind is BlobKind.SNAPSHOT_CONFIG)
     files = {
@@ -145,6 +149,15 @@ def import_snapshot(plan: Plan, step: Step, target: NodeTarget, staging: Path, s
         ["snapshot", "import", "--name", step.detail],
         feed=lambda out: write_import_tar(out, snapshot, step.detail, files),
     )
+
+
+def _pending(cli: CocoonCLI, name: str) -> bool:
+    """Whether cocoon's record of the snapshot ``name`` says it is still being written."""
+    try:
+        record = json.loads(cli.run(["snapshot", "inspect", name]))
+    except ValueError as exc:
+        raise ApplyError(f"`cocoon snapshot inspect {name}` printed no JSON record") from exc
+    return isinstance(record, dict) and record.get("pending") is True
 
 
 def change_vm(plan: Plan, step: Step, target: NodeTarget, outcome: Outcome) -> None:
@@ -184,10 +197,13 @@ def _owners(local: Path) -> dict[str, Any]:
     return document if isinstance(document, dict) else {"format_version": 1, "vms": {}}
 
 
-def record_ownership(plan: Plan, node: str, local: Path, outcome: Outcome, state: NodeState) -> None:
+def record_ownership(
+    plan: Plan, node: str, local: Path, outcome: Outcome, state: NodeState, *, applied: bool = True
+) -> None:
     """Record the VMs apply created (and forget those it removed) in ``cocoonplan/owned.json``,
-    with what it applied and the plan's digest, written atomically."""
+    with what it applied and, when ``applied``, the plan's digest, written atomically."""
     document = _owners(local)
+    last = plan.digest if applied else document.get("applied_plan")
     vms: dict[str, Any] = {k: v for k, v in (document.get("vms") or {}).items() if k not in outcome.removed}
     for name, vm_id in outcome.created.items():
         planned = next(vm for vm in plan.vms if vm.node == node and vm.name == name)
@@ -203,8 +219,25 @@ def record_ownership(plan: Plan, node: str, local: Path, outcome: Outcome, state
             cmdline=observed.boot_config.cmdline if observed and observed.boot_config else None,
         )
         vms[vm_id] = owner.model_dump(mode="json", exclude_none=True)
-    document = {"format_version": 1, "vms": dict(sorted(vms.items())), "applied_plan": plan.digest}
+    document = {"format_version": 1, "vms": dict(sorted(vms.items()))}
+    if last is not None:
+        document["applied_plan"] = last
     write_atomic(local, OWNERSHIP_FILE, json.dumps(document, indent=2, sort_keys=True) + "\n")
+
+
+def record_adoption(plan: Plan, node: str, name: str, local: Path, state: NodeState) -> str:
+    """Take the VM ``name`` of ``state`` (read under the node's lease) into ``owned.json`` as
+    ``plan`` planned it (``cocoonplan import``), keeping every other entry and the digest of
+    the last applied plan; returns its ID. Refuses a VM that is gone or already owned."""
+    observed = state.vm_named(name)
+    if observed is None:
+        raise ApplyError(
+            f"no VM named {name} is on node {node} any more", hint="list the node's VMs with `cocoon vm list`"
+        )
+    if observed.owner is not None:
+        raise ApplyError(f"VM {name} ({observed.id}) on node {node} is already cocoonplan's")
+    record_ownership(plan, node, local, Outcome(created={name: observed.id}), state, applied=False)
+    return observed.id
 
 
 @dataclass(frozen=True)

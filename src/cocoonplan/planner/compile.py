@@ -260,13 +260,28 @@ def unclaimed(
     return deletes, warnings
 
 
-def _foreign(item: PlanInput, view: NodeView) -> PlanError | None:
+def _foreign(item: PlanInput, view: NodeView, adopting: Collection[tuple[str, str]] = ()) -> PlanError | None:
+    """Why a spec over a VM cocoonplan did not create cannot be planned; None when it can.
+
+    A VM being adopted (``cocoonplan import``) is planned as if owned, provided the spec
+    makes it the way it was made: a clone spec over a run VM (or the reverse) is refused.
+    """
     running = view.state.vm_named(item.loaded.spec.name) if view.state else None
     if running is None or running.owner is not None:
         return None
+    if (view.name, running.name) in adopting:
+        wanted = Mode.CLONE if item.resolved.snapshot is not None else Mode.RUN
+        if running.mode is wanted:
+            return None
+        return PlanError(
+            f"VM {running.name} ({running.id}) on node {view.name} is a {running.mode.value}, "
+            f"and the spec plans a {wanted.value}",
+            hint="import it with a spec of the same mode (`image:` for a run, `snapshot:` for a clone)",
+        )
     return PlanError(
         f"VM {running.name} ({running.id}) already runs on node {view.name} and was not created by cocoonplan",
-        hint="cocoonplan replaces or deletes only VMs it created: remove that VM with `cocoon vm rm`, or rename the spec",
+        hint=f"cocoonplan replaces or deletes only VMs it created: take it over with `cocoonplan import "
+        f"{view.name}/{running.name} SPEC`, remove it with `cocoon vm rm`, or rename the spec",
     )
 
 
@@ -331,6 +346,7 @@ def make_plan(
     lock_changes: Sequence[LockChange] = (),
     errors: Sequence[Diagnostic] = (),
     warnings: Sequence[Diagnostic] = (),
+    adopting: Collection[tuple[str, str]] = (),
 ) -> Plan:
     """Plan every VM against its node; a VM that cannot be planned becomes an error entry.
 
@@ -338,7 +354,8 @@ def make_plan(
     that failed to resolve: their VMs are never deleted. ``scope`` are the planned paths
     (relative to the project): a VM cocoonplan created from a spec file inside them that no
     spec defines any more is deleted. A refresh-only plan lists every VM on the nodes with
-    its drift and proposes nothing.
+    its drift and proposes nothing. ``adopting`` are (node, VM name) pairs of VMs cocoonplan
+    did not create to plan as if it had (``cocoonplan import``), when their spec's mode fits.
     """
     vms: list[VMPlan] = []
     diagnostics = list(errors)
@@ -355,7 +372,7 @@ def make_plan(
         view = nodes[spec.spec.node]
         defined[view.name].add(spec.name)
         try:
-            foreign = _foreign(item, view)
+            foreign = _foreign(item, view, adopting)
             if foreign is not None:
                 raise foreign
             vms.append(plan_vm(item, view))
