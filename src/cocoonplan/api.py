@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import shlex
 import shutil
 import socket
@@ -25,41 +24,31 @@ from pydantic import ValidationError
 
 from cocoonplan import __version__
 from cocoonplan.atomic import update_file
-from cocoonplan.cocoon import BOOT_PATH
 from cocoonplan.context import ProjectContext
 from cocoonplan.document import read_documents
-from cocoonplan.errors import CocoonplanError, LockError, SpecError, StateError
+from cocoonplan.errors import CocoonplanError, SpecError, StateError
 from cocoonplan.executors.apply import NodeTarget, World, apply_node, check_fresh, record_adoption
 from cocoonplan.executors.blobs import BlobProgress
 from cocoonplan.executors.cocoon import CocoonCLI
 from cocoonplan.executors.lease import hold, release
 from cocoonplan.lock import LockedDigests, LockEntry, LockFile, RefKind, encode_lock, read_lock
-from cocoonplan.model import NAME_PATTERN
-from cocoonplan.observed import NodeState, ObservedVM
+from cocoonplan.observed import NodeState
 from cocoonplan.oci.reference import parse_reference
 from cocoonplan.oci.registry import DEFAULT_TIMEOUT_SECONDS
 from cocoonplan.oci.sources import open_sources
-from cocoonplan.planner import Action, Plan, PlanInput, make_plan
+from cocoonplan.planner import Action, Plan, make_plan
 from cocoonplan.planner.compile import summarize
-from cocoonplan.planner.model import Diagnostic, LockChange, VMPlan
+from cocoonplan.planner.model import LockChange, VMPlan
 from cocoonplan.planner.rules import RULES
 from cocoonplan.planner.steps import CONTENT_STEPS, Step, compile_steps
-from cocoonplan.project import LOCK_FILE, PROJECT_FILE, Arch, Project
-from cocoonplan.releases import CocoonLine, CocoonVersion
-from cocoonplan.resolved import (
-    NodeView,
-    PinnedRef,
-    ResolvedImage,
-    ResolvedSnapshot,
-    ResolvedVM,
-    RunningBase,
-)
+from cocoonplan.project import LOCK_FILE, PROJECT_FILE, Project
+from cocoonplan.releases import CocoonLine
 from cocoonplan.resolvers.content import Content
-from cocoonplan.resolvers.image import BootScanner, resolve_image
-from cocoonplan.resolvers.network import default_networks, read_default_network
-from cocoonplan.resolvers.node import DEFAULT_ROOT_DIR, present_layers, read_node_root, read_node_state
+from cocoonplan.resolvers.network import read_default_network
+from cocoonplan.resolvers.node import DEFAULT_ROOT_DIR, read_node_root
 from cocoonplan.resolvers.pins import Pinner
 from cocoonplan.resolvers.release import node_release, read_cocoon_version
+from cocoonplan.resolvers.resolution import node_locations, read_nodes, resolve, state_overrides
 from cocoonplan.resolvers.snapshot import resolve_snapshot
 from cocoonplan.spec import LoadedSpec
 from cocoonplan.specfile import check_unique, index_project, load_specs, spec_files
@@ -167,194 +156,6 @@ def _lock_path(context: ProjectContext) -> tuple[Path, str]:
     return path, _display(path, context.directory)
 
 
-def state_overrides(
-    values: Sequence[str], context: ProjectContext, cwd: Path, *, directories: bool
-) -> dict[str, Path]:
-    """Parse ``[NODE=]PATH`` command-line state locations; a bare PATH needs a one-node project.
-
-    ``directories`` says whether they must be cocoon root directories (``--root``) or exported
-    state documents (``--state``).
-    """
-    nodes = sorted(context.project.nodes)
-    overrides: dict[str, Path] = {}
-    for value in values:
-        node, sep, path = value.partition("=")
-        # NODE= only when the prefix is a node name; a path may hold "=" itself.
-        if not sep or not re.fullmatch(NAME_PATTERN, node):
-            node, path = "", value
-        if not node:
-            if len(nodes) != 1:
-                raise CocoonplanError(
-                    f"state location {value!r} does not say which node it is for",
-                    hint=f"write NODE={value}; the project's nodes are: {', '.join(nodes) or 'none'}",
-                )
-            node = nodes[0]
-        if node not in context.project.nodes:
-            raise CocoonplanError(
-                f"state location {value!r} names node {node!r}, which the project file does not declare",
-                hint=f"the project's nodes are: {', '.join(nodes) or 'none'}",
-            )
-        location = (cwd / path).resolve()
-        if location.is_dir() != directories:
-            wanted = "a cocoon root directory" if directories else "an exported state file"
-            raise CocoonplanError(
-                f"{path} is not {wanted}",
-                hint="--root takes a node's root directory, --state a file from `cocoonplan state export`",
-            )
-        if node in overrides:
-            raise CocoonplanError(f"node {node} is given two state locations", hint="give one per node")
-        overrides[node] = location
-    return overrides
-
-
-def read_nodes(
-    context: ProjectContext, overrides: Mapping[str, Path], assume_empty: Sequence[str] = ()
-) -> dict[str, NodeState | None]:
-    """The state of every node of the project: from ``overrides``, else the project's ``state:``;
-    empty for the nodes named in ``assume_empty``; None (not known) where nothing gives one.
-
-    Unreadable or inconsistent state raises StateError: a plan never guesses what runs.
-    """
-    for name in assume_empty:
-        node = context.project.nodes.get(name)
-        if node is None:
-            raise CocoonplanError(
-                f"--assume-empty-node names node {name!r}, which the project file does not declare",
-                hint=f"the project's nodes are: {', '.join(sorted(context.project.nodes)) or 'none'}",
-            )
-        if name in overrides or node.state:
-            raise CocoonplanError(
-                f"--assume-empty-node {name}: the node's state is known, so nothing needs assuming",
-                hint="drop the option, or the node's state:/--root/--state",
-            )
-        if node.cocoon_version is None:
-            raise CocoonplanError(
-                f"--assume-empty-node {name}: an empty node shows no cocoon release to plan for",
-                hint=f"set cocoonVersion for {name} in cocoonplan.yaml (what `cocoon version` prints there)",
-            )
-    states: dict[str, NodeState | None] = {}
-    for name, node in sorted(context.project.nodes.items()):
-        path = overrides.get(name) or (context.resolve(node.state) if node.state else None)
-        if path is not None:
-            states[name] = read_node_state(path, node.root_dir, node.run_dir)
-        elif name in assume_empty:
-            states[name] = NodeState(root_dir=node.root_dir, run_dir=node.effective_run_dir)
-        else:
-            states[name] = None
-    return states
-
-
-def running_base(vm: ObservedVM, state: NodeState, content: Content, arch: Arch) -> RunningBase:
-    """The image a VM on the node was made from, by the digest its record holds (never by tag).
-
-    The node's own images.json is asked first; otherwise the manifest is fetched by digest
-    (an index digest resolves to the node's ``arch`` manifest).
-    """
-    digest = vm.settings.image_digest
-    image = next((i for i in state.images if i.manifest_digest == digest), None)
-    if image is not None:
-        return RunningBase(ref=image.ref, digest=image.manifest_digest, layers=image.layers)
-    if not digest or not vm.settings.image:
-        missing = "image digest" if not digest else "image reference"
-        raise StateError(
-            f"VM {vm.name} ({vm.id}) records no {missing}, and images.json has no image of digest "
-            f"{digest or '(none)'}, so its layers cannot be checked",
-            hint="cocoon records image and image_digest for OCI VMs; check the VM's record in vms.json",
-        )
-    ref = parse_reference(vm.settings.image).with_digest(digest)
-    manifest = content.manifest(ref, arch, digest)
-    return RunningBase(
-        ref=vm.settings.image, digest=manifest.digest, layers=tuple(m.digest for m in manifest.layers)
-    )
-
-
-def _node_views(
-    states: dict[str, NodeState | None],
-    content: Content,
-    networks: Mapping[str, str | None],
-    releases: Mapping[str, CocoonVersion | None],
-    project: Project,
-) -> tuple[dict[str, NodeView], list[Diagnostic]]:
-    views: dict[str, NodeView] = {}
-    warnings: list[Diagnostic] = []
-    for name, state in states.items():
-        bases: dict[str, RunningBase] = {}
-        for vm in state.vms if state else ():
-            try:
-                bases[vm.id] = running_base(vm, state, content, project.nodes[name].arch)  # type: ignore[arg-type]
-            except CocoonplanError as exc:
-                warnings.append(
-                    Diagnostic(
-                        summary=f"layer drift of VM {vm.name} on {name} not checked: {exc.summary}",
-                        vm=vm.name,
-                    )
-                )
-        views[name] = NodeView(
-            name=name,
-            settings=project.nodes[name],
-            state=state,
-            bases=bases,
-            cocoon=releases[name],
-            default_network=networks[name],
-        )
-    return views, warnings
-
-
-def _check_locked_base(pinner: Pinner, source: PinnedRef, base: str | None) -> None:
-    # Content-addressed, a snapshot cannot change its base; a disagreement means the lock
-    # file was edited by hand or belongs to another snapshot.
-    entry = pinner.lock.find(source.ref)
-    if entry and entry.locked.digest == source.digest and entry.locked.base_image_digest not in (None, base):
-        raise LockError(
-            f"{pinner.lock_display} pins {source.ref} to {source.digest} baked from "
-            f"{entry.locked.base_image_digest}, but that snapshot records base {base}",
-            hint="the lock file was edited; restore it from version control or run `cocoonplan lock --update`",
-        )
-
-
-def _base_boot(
-    snapshot: ResolvedSnapshot, state: NodeState | None, content: Content, scanner: BootScanner, arch: Arch
-) -> ResolvedImage | None:
-    """The snapshot's base image with its boot layers located, when the node lacks a boot
-    file the clone needs (cocoon's ``VerifyBaseFiles`` stats them); None otherwise."""
-    base = snapshot.base_image
-    payload = snapshot.ch_config.get("payload") or {}
-    wanted = [BOOT_PATH.fullmatch(str(payload.get(key) or "")) for key in ("kernel", "initramfs")]
-    needed = [f"{m.group('hex')}/{m.group('file')}" for m in wanted if m is not None]
-    if state is None or base is None or all(n in state.boot_files for n in needed):
-        return None
-    ref = parse_reference(base.repository).with_digest(base.pinned.digest)
-    return resolve_image(content, ref, base.pinned.ref, arch, scanner)
-
-
-def _resolve_vm(
-    loaded: LoadedSpec,
-    content: Content,
-    pinner: Pinner,
-    scanner: BootScanner,
-    state: NodeState | None,
-    arch: Arch,
-) -> ResolvedVM:
-    body = loaded.spec.spec
-    source = pinner.pin(body.snapshot or body.image or "")
-    ref = parse_reference(source.ref).with_digest(source.digest)
-    present = present_layers(state)
-    # The snapshot records its base's platform manifest: compare it with that platform's.
-    expected = (
-        pinner.pin_platform(body.expect.base_image, arch) if body.expect and body.expect.base_image else None
-    )
-    if body.snapshot is not None:
-        snapshot = resolve_snapshot(content, ref, source.ref, arch)
-        _check_locked_base(pinner, source, snapshot.config.image_digest)
-        return ResolvedVM(
-            snapshot=snapshot,
-            expected_base=expected,
-            present_blobs=present,
-            base_boot=_base_boot(snapshot, state, content, scanner, arch),
-        )
-    return ResolvedVM(image=resolve_image(content, ref, source.ref, arch, scanner), present_blobs=present)
-
-
 def plan(
     paths: Sequence[Path],
     environment: Environment,
@@ -380,41 +181,30 @@ def plan(
     context, specs = load_all(paths, environment)
     lock_path, lock_display = _lock_path(context)
     lock = read_lock(lock_path, lock_display)
-    overrides = state_overrides(roots, context, environment.cwd, directories=True)
-    from_files = state_overrides(states, context, environment.cwd, directories=False)
-    if both := sorted(overrides.keys() & from_files.keys()):
-        raise CocoonplanError(f"--root and --state both name node {both[0]}", hint="give one per node")
-    overrides |= from_files
-    nodes = read_nodes(context, overrides, assume_empty)
-    networks = default_networks(context, nodes)
-    releases = {name: node_release(name, context.project.nodes[name], nodes[name]) for name in nodes}
-    inputs: list[PlanInput] = []
-    errors: list[Diagnostic] = []
+    locations = node_locations(context, environment.cwd, roots, states)
+    nodes = read_nodes(context, locations, assume_empty)
     with environment.http() as client, open_sources(context, client, environment.env) as sources:
-        content = Content(sources)
-        pinner = Pinner(content, lock, lock_display, locked=locked, update=update_lock)
-        scanner = BootScanner(content, context.resolve(context.project.cache))
-        # A refresh-only plan compares the nodes with their own records: specs are not resolved.
-        for loaded in [] if refresh_only else specs:
-            node = loaded.spec.spec.node
-            try:
-                arch = context.project.nodes[node].arch
-                resolved = _resolve_vm(loaded, content, pinner, scanner, nodes[node], arch)
-            except CocoonplanError as exc:
-                errors.append(Diagnostic.from_error(exc, vm=loaded.spec.name, file=loaded.file))
-                continue
-            inputs.append(PlanInput(loaded=loaded, resolved=resolved, node=context.project.nodes[node]))
-        views, warnings = _node_views(nodes, content, networks, releases, context.project)
+        resolution = resolve(
+            context,
+            specs,
+            nodes,
+            sources,
+            lock=lock,
+            lock_display=lock_display,
+            locked=locked,
+            update_lock=update_lock,
+            refresh_only=refresh_only,
+        )
     return make_plan(
-        inputs,
-        nodes=views,
+        resolution.inputs,
+        nodes=resolution.nodes,
         tool_version=__version__,
         claimed={*index_project(context.directory).vms, *((s.spec.spec.node, s.spec.name) for s in specs)},
         scope=[_display(environment.cwd / p, context.directory) for p in paths] or ["."],
         refresh_only=refresh_only,
-        lock_changes=tuple(pinner.changes.values()),
-        errors=errors,
-        warnings=warnings,
+        lock_changes=resolution.lock_changes,
+        errors=resolution.errors,
+        warnings=resolution.warnings,
         adopting=adopting,
     )
 

@@ -24,7 +24,7 @@ from cocoonplan.executors.layers import LayerBlob, convert_layers, record_image
 from cocoonplan.executors.snapshots import write_import_tar
 from cocoonplan.model import Mode
 from cocoonplan.observed import OWNERSHIP_FILE, NodeState, Owner
-from cocoonplan.planner.model import Action, BlobKind, Plan, PlannedBlob, VMPlan
+from cocoonplan.planner.model import Action, BlobKind, Change, Plan, PlannedBlob, VMPlan
 from cocoonplan.planner.rules import Rules
 from cocoonplan.planner.steps import Step, StepKind
 
@@ -274,6 +274,13 @@ def check_fresh(plan: Plan, node: str, state: NodeState, targets: Sequence[str])
         )
 
 
+def _difference(change: Change) -> str:
+    # A disk path is what cocoon substituted in #46: say which file runs and which was planned.
+    if change.path.endswith(".path") and change.before is not None and change.after is not None:
+        return f"{change.path} is {change.before}, planned {change.after}"
+    return change.path
+
+
 def prove(plan: Plan, node: str, replanned: Plan) -> None:
     """The post-apply proof: planning again against the node must propose nothing and find no
     drift for every VM the plan touched; otherwise every differing field is named."""
@@ -283,7 +290,7 @@ def prove(plan: Plan, node: str, replanned: Plan) -> None:
         if vm.node != node or vm.name not in touched:
             continue
         if vm.action is not Action.NO_OP or vm.drift:
-            fields = [c.path for c in vm.changes] + [f"drift {d.path}: {d.message}" for d in vm.drift]
+            fields = [_difference(c) for c in vm.changes] + [f"drift {d.path}: {d.message}" for d in vm.drift]
             problems.append(f"{vm.name} ({vm.action}): {', '.join(fields) or vm.reason}")
     problems += [f"{e.vm}: {e.summary}" for e in replanned.errors if e.vm in touched]
     if problems:
