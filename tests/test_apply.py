@@ -113,3 +113,51 @@ def test_a_plan_made_for_apply_must_be_approved(tmp_path: Path) -> None:
     refused = run_cli(["apply", "."], project, input_text="n\n")
     assert refused.exit_code == 1 and "Apply this plan?" in refused.stdout
     assert not (root / "oci").exists(), "nothing done without approval"
+
+
+@pytest.mark.parametrize(
+    ("says", "message"),
+    [
+        ("v0.6.4", "node node-a runs cocoon v0.6.4, and the plan was made for the v0.3 line"),
+        ("v0.5.8", "cocoon v0.5.8 is not supported"),
+    ],
+)
+def test_a_node_whose_cocoon_is_not_what_the_plan_was_made_for_is_refused(
+    tmp_path: Path, says: str, message: str
+) -> None:
+    project = _empty_node_project(tmp_path)
+    assert run_cli(["plan", ".", "--out", "p.json"], project).exit_code == 0
+    other = tmp_path / "other-cocoon"
+    other.write_text(f"#!/bin/sh\nprintf 'Version: {says}\\nGit hash: x\\n'\n")
+    other.chmod(0o755)
+    config = project / "cocoonplan.yaml"
+    config.write_text("\n".join(
+        f"    cocoon: {other}" if line.startswith("    cocoon: ") else line for line in config.read_text().splitlines()
+    ) + "\n")  # fmt: skip
+    root = tmp_path / "node-root"
+    result = run_cli(["apply", "p.json"], project)
+    assert result.exit_code == 1 and message in result.stderr
+    assert list(root.iterdir()) == [], "nothing changed before the release was checked"
+
+
+def test_an_imported_snapshot_is_reused_only_with_the_planned_layers(tmp_path: Path) -> None:
+    project = _empty_node_project(tmp_path)
+    assert run_cli(["apply", ".", "--auto-approve"], project).exit_code == 0
+    second = (project / "agent-clone.yaml").read_text().replace("name: agent-clone", "name: agent-clone-2")
+    (project / "agent-clone-2.yaml").write_text(second)
+    root = tmp_path / "node-root"
+    snapshots = json.loads((root / "snapshot/db/snapshots.json").read_text())
+    (snapshot_id,) = snapshots["snapshots"]
+    sidecar = root / f"snapshot/localfile/{snapshot_id}/cocoon.json"
+    original = sidecar.read_text()
+    meta = json.loads(original)
+    meta["storage_configs"] = [c for c in meta["storage_configs"] if c["serial"] != "cocoon-layer10"]
+    sidecar.write_text(json.dumps(meta))  # what a hand-made snapshot of the same name could hold
+    refused = run_cli(["apply", ".", "--auto-approve"], project)
+    assert (
+        refused.exit_code == 1 and "whose layers are not the plan's (10 layers, 11 planned)" in refused.stderr
+    )
+    sidecar.write_text(original)
+    reused = run_cli(["apply", ".", "--auto-approve"], project)
+    assert reused.exit_code == 0, reused.stderr
+    assert json.loads((root / "snapshot/db/snapshots.json").read_text())["snapshots"].keys() == {snapshot_id}

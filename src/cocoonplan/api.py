@@ -26,7 +26,7 @@ from cocoonplan import __version__
 from cocoonplan.atomic import update_file
 from cocoonplan.context import ProjectContext
 from cocoonplan.document import read_documents
-from cocoonplan.errors import CocoonplanError, SpecError, StateError
+from cocoonplan.errors import ApplyError, CocoonplanError, SpecError, StateError
 from cocoonplan.executors.apply import NodeTarget, World, apply_node, check_fresh, record_adoption
 from cocoonplan.executors.blobs import BlobProgress
 from cocoonplan.executors.cocoon import CocoonCLI
@@ -41,8 +41,8 @@ from cocoonplan.planner.compile import summarize
 from cocoonplan.planner.model import LockChange, VMPlan
 from cocoonplan.planner.rules import RULES
 from cocoonplan.planner.steps import CONTENT_STEPS, Step, compile_steps
-from cocoonplan.project import LOCK_FILE, PROJECT_FILE, Project
-from cocoonplan.releases import CocoonLine
+from cocoonplan.project import LOCK_FILE, PROJECT_FILE, NodeConfig, Project
+from cocoonplan.releases import CocoonLine, line_of
 from cocoonplan.resolvers.content import Content
 from cocoonplan.resolvers.network import read_default_network
 from cocoonplan.resolvers.node import DEFAULT_ROOT_DIR, read_node_root
@@ -381,22 +381,21 @@ def apply(
 
     created: dict[str, dict[str, str]] = {}
     with environment.http() as client, open_sources(context, client, environment.env) as sources:
-        for node in nodes:
-            settings = context.project.nodes[node]
-            state = read_state(node)
-            release = node_release(node, settings, state)
-            rules = RULES[release.line if release else CocoonLine.V0_3]
-            cocoon = (
-                None
-                if content_only
-                else CocoonCLI(
-                    command=tuple(shlex.split(settings.cocoon)),
-                    root_dir=settings.root_dir,
-                    run_dir=settings.effective_run_dir,
-                    env=environment.env,
-                )
+        # Every node's cocoon is asked first: a release the plan was not made for changes nothing.
+        node_targets = {
+            node: apply_target(
+                node,
+                context.project.nodes[node],
+                locals_[node],
+                read_state(node),
+                saved,
+                environment,
+                content_only,
             )
-            target = NodeTarget(node, locals_[node], rules, state.metadata_engine, cocoon)
+            for node in nodes
+        }
+        for node in nodes:
+            target = node_targets[node]
             world = World({node: target}, sources, progress, environment.clock, read_state, replan)
             with hold(
                 locals_[node],
@@ -511,3 +510,41 @@ def adopt(adoption: Adoption, environment: Environment) -> str:
                 hint="run `cocoonplan import` again",
             )
         return record_adoption(adoption.plan, vm.node, vm.name, adoption.local, state)
+
+
+def apply_target(
+    node: str,
+    settings: NodeConfig,
+    local: Path,
+    state: NodeState,
+    saved: Plan,
+    environment: Environment,
+    content_only: bool,
+) -> NodeTarget:
+    """How apply acts on ``node``: its cocoon (asked for its release, which must be the line the
+    plan was made for; none for content only) and the rules of that line."""
+    planned = next((n.cocoon for n in saved.nodes if n.name == node), None)
+    release = node_release(node, settings, state)
+    line = release.line if release else planned.line if planned else CocoonLine.V0_3
+    cocoon = None
+    if not content_only:
+        cocoon = CocoonCLI(
+            command=tuple(shlex.split(settings.cocoon)),
+            root_dir=settings.root_dir,
+            run_dir=settings.effective_run_dir,
+            env=environment.env,
+        )
+        running = cocoon.version()
+        try:
+            line = line_of(running)
+        except ValueError as exc:
+            raise ApplyError(
+                f"node {node}: {exc}", hint="plan and apply with a cocoonplan that supports it"
+            ) from exc
+        if planned is not None and planned.line is not line:
+            raise ApplyError(
+                f"node {node} runs cocoon {running}, and the plan was made for the {planned.line} line "
+                f"({planned.version}, {planned.source})",
+                hint="set the node's cocoonVersion to what it runs, plan again and review",
+            )
+    return NodeTarget(node, local, RULES[line], state.metadata_engine, cocoon)

@@ -16,13 +16,14 @@ from typing import Any
 
 from cocoonplan.atomic import read_bounded, write_atomic
 from cocoonplan.bounded import InputLimitError, loads_written_by_go
-from cocoonplan.cocoon import MetadataEngine, SnapshotConfig, snapshot_import_name
+from cocoonplan.cocoon import DiskRole, MetadataEngine, SnapshotConfig, SnapshotMeta, snapshot_import_name
 from cocoonplan.errors import ApplyError
 from cocoonplan.executors.blobs import BlobProgress, BlobSources, blob_path, fetch_blobs
 from cocoonplan.executors.cocoon import CocoonCLI, clone_arguments, run_arguments
 from cocoonplan.executors.layers import LayerBlob, convert_layers, record_image
 from cocoonplan.executors.snapshots import write_import_tar
 from cocoonplan.model import Mode
+from cocoonplan.nodefs import Cap, Tree
 from cocoonplan.observed import OWNERSHIP_FILE, NodeState, Owner
 from cocoonplan.planner.model import Action, BlobKind, Change, Plan, PlannedBlob, VMPlan
 from cocoonplan.planner.rules import Rules
@@ -133,11 +134,13 @@ def import_snapshot(plan: Plan, step: Step, target: NodeTarget, staging: Path, s
     snapshot of that name already on the node is the same content (the name is its digest),
     unless cocoon left it ``pending`` (an import killed midway): that one is removed and
     imported again (the caller holds the node's lease: no other apply is writing it)."""
-    if any(snapshot.name == step.detail for snapshot in state.snapshots):
+    vm = _vm(plan, step)
+    local = next((snapshot for snapshot in state.snapshots if snapshot.name == step.detail), None)
+    if local is not None:
         if not _pending(_cli(target, step), step.detail):
+            _check_reused(vm, local.id, target.local)
             return
         _cli(target, step).run(["snapshot", "rm", step.detail])
-    vm = _vm(plan, step)
     config = next(b for b in vm.blobs if b.kind is BlobKind.SNAPSHOT_CONFIG)
     files = {
         b.title: blob_path(staging, b.digest)
@@ -149,6 +152,26 @@ def import_snapshot(plan: Plan, step: Step, target: NodeTarget, staging: Path, s
         ["snapshot", "import", "--name", step.detail],
         feed=lambda out: write_import_tar(out, snapshot, step.detail, files),
     )
+
+
+def _check_reused(vm: VMPlan, snapshot_id: str, local: Path) -> None:
+    """A snapshot already on the node is reused only when its ``cocoon.json`` names exactly the
+    layers the plan clones: a name can be taken by hand, content cannot."""
+    rel = f"snapshot/localfile/{snapshot_id}/cocoon.json"
+    with Tree.open(local, "cocoon root dir", "copy the node's root again") as tree:
+        data = tree.read(rel, Cap.RUN_FILE)
+    try:
+        meta = SnapshotMeta.model_validate(loads_written_by_go(data or b"null"))
+    except (InputLimitError, ValueError) as exc:
+        raise ApplyError(f"{rel}: not a snapshot sidecar cocoon could clone: {exc}") from exc
+    found = [c.path for c in meta.storage_configs if c.role is DiskRole.LAYER]
+    planned = [d.path for d in vm.disks if d.role is DiskRole.LAYER]
+    if found != planned:
+        raise ApplyError(
+            f"node {vm.node} holds snapshot {snapshot_id} under the planned name, whose layers are not the "
+            f"plan's ({len(found)} layers, {len(planned)} planned)",
+            hint="remove it with `cocoon snapshot rm`, then apply again: cocoonplan imports it afresh",
+        )
 
 
 def _pending(cli: CocoonCLI, name: str) -> bool:

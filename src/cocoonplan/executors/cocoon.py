@@ -23,6 +23,7 @@ from cocoonplan.errors import ApplyError
 from cocoonplan.model import Mode
 from cocoonplan.planner.model import PlannedDisk, VMPlan
 from cocoonplan.planner.rules import Rules
+from cocoonplan.releases import parse_version_output
 from cocoonplan.spec import PowerState, RestoreMode
 
 OUTPUT_LIMIT = 16 * 1024 * 1024
@@ -88,6 +89,13 @@ class CocoonCLI:
                 hint="cocoon refused the planned change; nothing after this step was run",
             )
         return out[:OUTPUT_LIMIT].decode("utf-8", "replace")
+
+    def version(self) -> str:
+        """What ``cocoon version`` says on its ``Version:`` line."""
+        try:
+            return parse_version_output(self.run(["version"]))
+        except ValueError as exc:
+            raise ApplyError(f"`cocoon version`: {exc}", hint="check the node's `cocoon` setting") from exc
 
     def record(self, args: Sequence[str]) -> dict[str, Any]:
         """Run a command with ``-o json`` and return the VM record it prints."""
