@@ -103,7 +103,7 @@ def test_a_second_apply_of_the_same_specs_has_nothing_to_do(tmp_path: Path) -> N
     root = tmp_path / "node-root"
     before = _listing(root)
     again = run_cli(["apply", ".", "--auto-approve"], project)
-    assert again.exit_code == 0 and "Nothing to apply." in again.stdout
+    assert again.exit_code == 0 and "Nothing to apply." in again.stderr
     assert _listing(root) == before, "nothing fetched, converted or written"
 
 
@@ -111,7 +111,7 @@ def test_a_plan_made_for_apply_must_be_approved(tmp_path: Path) -> None:
     project = _empty_node_project(tmp_path)
     root = tmp_path / "node-root"
     refused = run_cli(["apply", "."], project, input_text="n\n")
-    assert refused.exit_code == 1 and "Apply this plan?" in refused.stdout
+    assert refused.exit_code == 1 and "Apply this plan?" in refused.stderr
     assert not (root / "oci").exists(), "nothing done without approval"
 
 

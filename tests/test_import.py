@@ -63,7 +63,7 @@ def test_import_records_the_vm_and_plan_then_keeps_it(tmp_path: Path) -> None:
     result = run_cli(["import", "node-a/legacy-tool", "legacy-tool.yaml", "--auto-approve"], project)
     assert result.exit_code == 0, result.output
     assert "legacy-tool" in result.stdout  # the VM's plan is shown first
-    assert f"node-a/legacy-tool ({LEGACY_ID}) imported" in result.stdout
+    assert f"node-a/legacy-tool ({LEGACY_ID}) imported" in result.stderr
     owned = _owned(project)
     # Every other entry is kept as it was; no plan was applied, so none is recorded.
     assert {k: v for k, v in owned["vms"].items() if k != LEGACY_ID} == before["vms"]
@@ -93,7 +93,7 @@ def test_an_imported_vm_that_differs_from_its_spec_is_replaced(tmp_path: Path) -
     result = run_cli(["import", "node-a/legacy-tool", "legacy-tool.yaml", "--auto-approve"], project)
     assert result.exit_code == 0, result.output
     assert "replace" in result.stdout
-    assert "Once imported, `cocoonplan apply` replaces node-a/legacy-tool" in result.stdout
+    assert "Once imported, `cocoonplan apply` replaces node-a/legacy-tool" in result.stderr
     code, document = plan_json(project)
     assert code == 0
     entry = vm_entry(document, "legacy-tool")
@@ -106,8 +106,8 @@ def test_declining_changes_nothing(tmp_path: Path) -> None:
     before = tree(project)
     result = run_cli(["import", "node-a/legacy-tool", "legacy-tool.yaml"], project, input_text="n\n")
     assert result.exit_code == 1
-    assert "Import node-a/legacy-tool into cocoonplan's ownership?" in result.stdout
-    assert "Nothing imported." in result.stdout
+    assert "Import node-a/legacy-tool into cocoonplan's ownership?" in result.stderr
+    assert "Nothing imported." in result.stderr
     assert tree(project) == before
 
 

@@ -124,7 +124,7 @@ def test_other_tools_kinds_are_still_skipped(project: Path) -> None:
     (project / "deploy.yaml").write_text(DEPLOYMENT + "---\n" + OPENSHIFT_PROJECT)
     validated = run_cli(["validate", "."], project)
     assert validated.exit_code == 0, validated.stderr
-    assert "2 VM specs valid." in validated.stdout
+    assert "2 VM specs valid." in validated.stderr
     planned = run_cli(["plan", ".", "--json"], project)
     assert planned.exit_code == 0, planned.stderr
     assert _actions(planned.stdout)["agent-run"] == "no-op"

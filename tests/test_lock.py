@@ -58,7 +58,7 @@ def test_committed_lock_is_what_lock_writes(project: Path) -> None:
     result = run_cli(["lock", "."], project)
     assert result.exit_code == 0, result.stderr
     assert (project / "cocoonplan.lock").read_text() == committed
-    assert run_cli(["lock", "."], project).stdout.strip() == "cocoonplan.lock unchanged."
+    assert run_cli(["lock", "."], project).stderr.strip() == "cocoonplan.lock unchanged."
 
 
 def test_missing_entries_are_resolved_and_shown_but_refused_when_locked(project: Path) -> None:
@@ -99,7 +99,7 @@ def test_locked_mode_refuses_a_moved_tag(project: Path) -> None:
 def test_lock_update_takes_the_moved_tag(project: Path) -> None:
     new = _digest_of(project, OTHER_TAG)
     _move_tag(project, RUN_TAG, OTHER_TAG)
-    assert run_cli(["lock", "."], project).stdout.strip() == "cocoonplan.lock unchanged."
+    assert run_cli(["lock", "."], project).stderr.strip() == "cocoonplan.lock unchanged."
     updated = run_cli(["lock", ".", "--update"], project)
     assert updated.exit_code == 0
     assert f"~ {RUN_TAG}:" in updated.stdout

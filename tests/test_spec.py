@@ -124,7 +124,7 @@ def test_other_kinds_are_skipped_and_multi_document_files_load(project: Path) ->
     assert result.exit_code == 0, result.stderr
     assert "many.yaml:5  web on node-a" in result.stdout
     assert "many.yaml:13  web2 on node-a" in result.stdout
-    assert "2 VM specs valid." in result.stdout
+    assert "2 VM specs valid." in result.stderr
 
 
 def test_malformed_project_file_is_located(project: Path) -> None:

@@ -1,6 +1,10 @@
 """The ``cocoonplan`` command line: parse arguments, call :mod:`cocoonplan.api`, render, exit.
 
 Exit codes: 0 success (no changes), 1 error, 2 changes present (with ``--detailed-exitcode``).
+
+Conventions: a command's product (a plan, JSON, a file list) goes to stdout; status lines,
+progress and prompts go to stderr, so stdout stays parseable. ``--chdir DIR`` runs as if started
+in DIR; the common flags also read ``COCOONPLAN_*`` environment variables.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ app = typer.Typer(
     name="cocoonplan",
     help="Plan cocoon microVMs from YAML specs: digest-pinned layers, disks and Cloud Hypervisor config.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
 )
 
@@ -44,10 +48,72 @@ Paths = Annotated[
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the versioned JSON plan document.")]
 AsMarkdown = Annotated[bool, typer.Option("--markdown", help="Print a Markdown pull-request comment.")]
+ROOT_VARIABLE = "COCOONPLAN_ROOT"
+_SEVERAL = " Repeatable; the environment variable takes several separated by spaces."
+NodeRoots = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--root", envvar=ROOT_VARIABLE, help="[NODE=]DIR: the node's cocoon root directory." + _SEVERAL
+    ),
+]
+
+
+CHDIR_VARIABLE = "COCOONPLAN_CHDIR"
+_started_in: Path | None = None
+"""The directory ``--chdir`` named for this invocation (absolute), or None: the process's own."""
+
+
+def _cwd() -> Path:
+    """The directory the command runs as if started in; the process itself never changes directory."""
+    return _started_in if _started_in is not None else Path.cwd()
+
+
+def _here(path: Path) -> Path:
+    """``path`` as given on the command line, relative to ``--chdir`` (absolute paths unchanged).
+
+    Without ``--chdir`` it stays as given, so messages quote the user's own spelling."""
+    return path if _started_in is None else _started_in / path
 
 
 def _environment() -> api.Environment:
-    return api.Environment(env=dict(os.environ), cwd=Path.cwd())
+    return api.Environment(env=dict(os.environ), cwd=_cwd())
+
+
+def _status(message: str) -> None:
+    """A status line: to stderr, so stdout carries only the command's product."""
+    typer.echo(message, err=True)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def _global_options(
+    chdir: Annotated[
+        Path | None,
+        typer.Option(
+            "--chdir",
+            metavar="DIR",
+            envvar=CHDIR_VARIABLE,
+            help="Run as if started in DIR: paths, the project file and the lock are found from there.",
+        ),
+    ] = None,
+    version: Annotated[
+        bool,
+        typer.Option("--version", is_eager=True, callback=_show_version, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    global _started_in
+    _started_in = None
+    if chdir is not None:
+        directory = Path.cwd() / chdir
+        if not directory.is_dir():
+            problem = "not a directory" if directory.exists() else "no such directory"
+            raise _fail(CocoonplanError(f"--chdir {chdir}: {problem}"))
+        _started_in = directory
 
 
 def _fail(exc: CocoonplanError) -> typer.Exit:
@@ -78,12 +144,31 @@ def _exit_code(plan: Plan, detailed: bool) -> int:
 
 
 @app.command()
-def validate(paths: Paths = None) -> None:
+def validate(
+    paths: Paths = None,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="Print a JSON array of {file, line, name, node, source}, one per VM."),
+    ] = False,
+) -> None:
     """Check specs and the project file offline; print one line per VM."""
     try:
         specs = api.validate(paths or [Path()], _environment())
     except CocoonplanError as exc:
         raise _fail(exc) from exc
+    if as_json:
+        found = [
+            {
+                "file": item.file,
+                "line": item.line,
+                "name": item.spec.name,
+                "node": item.spec.spec.node,
+                "source": item.spec.spec.snapshot or item.spec.spec.image,
+            }
+            for item in specs
+        ]
+        sys.stdout.write(json.dumps(found, indent=2) + "\n")
+        return
     for item in specs:
         body = item.spec.spec
         # File names and references come from the repository: shown, never interpreted.
@@ -92,7 +177,7 @@ def validate(paths: Paths = None) -> None:
                 f"ok  {item.file}:{item.line}  {item.spec.name} on {body.node}: {body.snapshot or body.image}"
             )
         )
-    typer.echo(f"{len(specs)} VM spec{'' if len(specs) == 1 else 's'} valid.")
+    _status(f"{len(specs)} VM spec{'' if len(specs) == 1 else 's'} valid.")
 
 
 @app.command()
@@ -102,27 +187,47 @@ def plan(
     as_markdown: AsMarkdown = False,
     out: Annotated[Path | None, typer.Option("--out", help="Write the plan document to this file.")] = None,
     detailed_exitcode: Annotated[
-        bool, typer.Option("--detailed-exitcode", help="Exit 0 without changes, 1 on error, 2 with changes.")
+        bool,
+        typer.Option(
+            "--detailed-exitcode",
+            envvar="COCOONPLAN_DETAILED_EXITCODE",
+            help="Exit 0 without changes, 1 on error, 2 with changes.",
+        ),
     ] = False,
     locked: Annotated[
-        bool, typer.Option("--locked", help="Fail when the lock file lacks an entry or a tag moved.")
+        bool,
+        typer.Option(
+            "--locked",
+            envvar="COCOONPLAN_LOCKED",
+            help="Fail when the lock file lacks an entry or a tag moved.",
+        ),
     ] = False,
     refresh_only: Annotated[
         bool, typer.Option("--refresh-only", help="Report drift on the nodes only; propose no change.")
     ] = False,
     root: Annotated[
         list[str] | None,
-        typer.Option("--root", help="[NODE=]DIR: read the node's state from this cocoon root directory."),
+        typer.Option(
+            "--root",
+            envvar=ROOT_VARIABLE,
+            help="[NODE=]DIR: read the node's state from this cocoon root directory." + _SEVERAL,
+        ),
     ] = None,
     state: Annotated[
         list[str] | None,
-        typer.Option("--state", help="[NODE=]FILE: read the node's state from an exported state document."),
+        typer.Option(
+            "--state",
+            envvar="COCOONPLAN_STATE",
+            help="[NODE=]FILE: read the node's state from an exported state document." + _SEVERAL,
+        ),
     ] = None,
     assume_empty_node: Annotated[
         list[str] | None,
         typer.Option(
             "--assume-empty-node",
-            help="NODE: plan a node whose state is not given as empty (creates); without it its VMs are unknown.",
+            envvar="COCOONPLAN_ASSUME_EMPTY_NODE",
+            help="NODE: plan a node whose state is not given as empty (creates); without it its VMs are unknown."
+            + _SEVERAL,
         ),
     ] = None,
 ) -> None:
@@ -142,7 +247,7 @@ def plan(
     _print_plan(result, as_json, as_markdown)
     if out is not None and not result.errors:
         try:
-            write_plan(result, out)
+            write_plan(result, _here(out))
         except CocoonplanError as exc:
             raise _fail(exc) from exc
     raise typer.Exit(_exit_code(result, detailed_exitcode))
@@ -162,7 +267,7 @@ def show(
 ) -> None:
     """Print a saved plan, or the steps that carry it out."""
     try:
-        saved = read_plan(planfile)
+        saved = read_plan(_here(planfile))
         planned = compile_steps(saved, target or []) if steps else None
     except CocoonplanError as exc:
         raise _fail(exc) from exc
@@ -197,7 +302,7 @@ def lock(
         )
     for original in result.removed:
         typer.echo(plain(f"- {original}: no spec references it"))
-    typer.echo(f"{result.path.name} {'written' if result.written else 'unchanged'}.")
+    _status(f"{result.path.name} {'written' if result.written else 'unchanged'}.")
 
 
 @app.command()
@@ -215,18 +320,22 @@ def render(
         raise _fail(exc) from exc
     result, keep = rendered.plan, rendered.elsewhere
     if result.errors:
-        sys.stdout.write(render_human(plan_document(result)))
+        sys.stderr.write(render_human(plan_document(result)))
         raise typer.Exit(1)
+    target = _here(directory)
     try:
-        changed = differences(result, directory, keep) if check else write_tree(result, directory, keep)
+        changed = differences(result, target, keep) if check else write_tree(result, target, keep)
     except CocoonplanError as exc:
         raise _fail(exc) from exc
     for line in changed:
-        typer.echo(plain(line))
+        typer.echo(plain(line if check else _done(line)))
     if check and changed:
+        chdir = [] if _started_in is None else ["--chdir", shlex.quote(str(_started_in))]
         again = " ".join(
             [
-                "cocoonplan render",
+                "cocoonplan",
+                *chdir,
+                "render",
                 *(shlex.quote(str(p)) for p in paths or []),
                 "--dir",
                 shlex.quote(str(directory)),
@@ -234,6 +343,12 @@ def render(
         )
         typer.echo(plain(f"{len(changed)} rendered file(s) differ; run `{again}`."), err=True)
         raise typer.Exit(1)
+
+
+def _done(difference: str) -> str:
+    """A ``differences`` line (``missing:``, ``changed:``, ``stale:``) as what writing did about it."""
+    kind, _, path = difference.partition(":")
+    return f"{'removed' if kind == 'stale' else 'wrote'}: {path.strip()}"
 
 
 @app.command()
@@ -247,6 +362,7 @@ def schemas(
 ) -> None:
     """Write the JSON Schemas of the spec, project, lock and plan documents (for editors and tools)."""
     generated = generate_schemas()
+    directory = _here(directory)
     try:
         for name in generated:
             check_target(directory, name)  # a link in the way fails before any file is written
@@ -272,7 +388,10 @@ def apply(
         ),
     ] = None,
     auto_approve: Annotated[
-        bool, typer.Option("--auto-approve", help="Apply a plan made now without asking.")
+        bool,
+        typer.Option(
+            "--auto-approve", envvar="COCOONPLAN_AUTO_APPROVE", help="Apply a plan made now without asking."
+        ),
     ] = False,
     target: Annotated[list[str] | None, typer.Option("--target", help="Only these VMs (repeatable).")] = None,
     content_only: Annotated[
@@ -284,23 +403,21 @@ def apply(
     lock_timeout: Annotated[
         float, typer.Option("--lock-timeout", help="Seconds to wait for another apply on a node.")
     ] = 0.0,
-    root: Annotated[
-        list[str] | None, typer.Option("--root", help="[NODE=]DIR: the node's cocoon root directory.")
-    ] = None,
+    root: NodeRoots = None,
 ) -> None:
     """Carry out exactly a saved plan (or one made now, once approved), then prove the result."""
     environment = _environment()
     paths = what or [Path()]
     try:
-        if len(paths) == 1 and paths[0].is_file() and paths[0].suffix not in (".yaml", ".yml"):
-            chosen = read_plan(paths[0])
+        if len(paths) == 1 and _here(paths[0]).is_file() and paths[0].suffix not in (".yaml", ".yml"):
+            chosen = read_plan(_here(paths[0]))
         else:
             chosen = api.plan(paths, environment, roots=root or [])
             sys.stdout.write(render_human(plan_document(chosen)))
             if not chosen.has_changes:
-                typer.echo("Nothing to apply.")
+                _status("Nothing to apply.")
                 return
-            if not auto_approve and not typer.confirm("Apply this plan?"):
+            if not auto_approve and not typer.confirm("Apply this plan?", err=True):
                 raise typer.Exit(1)
         with progress_reporter(sys.stderr) as progress:
             result = api.apply(
@@ -317,7 +434,7 @@ def apply(
     for node, created in sorted(result.created.items()):
         for name, vm_id in sorted(created.items()):
             typer.echo(plain(f"{node}/{name}: created as {vm_id}"))
-    typer.echo(f"Applied {len(result.steps)} step(s); the nodes run the plan.")
+    _status(f"Applied {len(result.steps)} step(s); the nodes run the plan.")
 
 
 @app.command("import")
@@ -329,9 +446,7 @@ def import_(
     auto_approve: Annotated[
         bool, typer.Option("--auto-approve", help="Import without asking after showing the differences.")
     ] = False,
-    root: Annotated[
-        list[str] | None, typer.Option("--root", help="[NODE=]DIR: the node's cocoon root directory.")
-    ] = None,
+    root: NodeRoots = None,
 ) -> None:
     """Take a VM cocoonplan did not create into its ownership, after showing how it differs from SPEC."""
     node, _, name = address.partition("/")
@@ -343,32 +458,28 @@ def import_(
         sys.stdout.write(render_human(plan_document(adoption.shown())))
         vm = adoption.vm
         if vm.action is Action.REPLACE:
-            typer.echo(
-                plain(f"Once imported, `cocoonplan apply` replaces {address}: it differs from {spec}.")
-            )
-        if not auto_approve and not typer.confirm(f"Import {address} into cocoonplan's ownership?"):
-            typer.echo("Nothing imported.")
+            _status(plain(f"Once imported, `cocoonplan apply` replaces {address}: it differs from {spec}."))
+        if not auto_approve and not typer.confirm(f"Import {address} into cocoonplan's ownership?", err=True):
+            _status("Nothing imported.")
             raise typer.Exit(1)
         vm_id = api.adopt(adoption, environment)
     except CocoonplanError as exc:
         raise _fail(exc) from exc
-    typer.echo(plain(f"{address} ({vm_id}) imported: cocoonplan now plans it from {vm.spec_file}."))
+    _status(plain(f"{address} ({vm_id}) imported: cocoonplan now plans it from {vm.spec_file}."))
 
 
 @app.command("force-unlock")
 def force_unlock(
     node: Annotated[str, typer.Argument(help="The node whose apply lease to remove.")],
     lease_id: Annotated[str, typer.Argument(help="The lease's id, as the refused apply printed it.")],
-    root: Annotated[
-        list[str] | None, typer.Option("--root", help="[NODE=]DIR: the node's cocoon root directory.")
-    ] = None,
+    root: NodeRoots = None,
 ) -> None:
     """Remove a node's apply lease whose holder is gone; the lease id must match."""
     try:
         api.force_unlock(node, lease_id, _environment(), root or [])
     except CocoonplanError as exc:
         raise _fail(exc) from exc
-    typer.echo(plain(f"lease {lease_id} on {node} removed."))
+    _status(plain(f"lease {lease_id} on {node} removed."))
 
 
 @app.command()
