@@ -433,3 +433,26 @@ def test_config_keys_beyond_v51_are_no_change(tmp_path: Path) -> None:
     _, document = plan_json(project)
     planned = vm_entry(document, "agent-clone")
     assert (planned["action"], planned["changes"], planned["drift"]) == ("no-op", [], [])
+
+
+@pytest.mark.parametrize(
+    ("vms", "spec_line", "name", "reason"),
+    [
+        ({"agent_run": {"state": "stopped"}}, None, "agent-run", "start_because_stopped"),
+        ({}, "state: stopped", "agent-run", "stop_because_spec_stopped"),
+        ({"agent_run": {"state": "error"}}, None, "agent-run", "unknown_because_vm_state"),
+        ({}, "nics: 2", "agent-run", "replace_because_resources_changed"),
+        ({}, None, "agent-run", "no_op_as_planned"),
+    ],
+)
+def test_every_action_carries_its_reason(
+    tmp_path: Path, vms: dict[str, dict[str, Any]], spec_line: str | None, name: str, reason: str
+) -> None:
+    project = _project(tmp_path, _vms(**vms))
+    if spec_line:
+        _set_spec(project, f"{name}.yaml", spec_line)
+    _, document = plan_json(project)
+    assert vm_entry(document, name)["action_reason"] == reason
+    founding = vm_entry(plan_json(_project(tmp_path / "founding", list(SCENARIO_VMS)))[1], "agent-clone")
+    assert founding["action_reason"] == "replace_because_layers_drifted"
+    assert any(lost.startswith("cow disk ") for lost in founding["destroys"])

@@ -422,7 +422,11 @@ def test_replace_when_the_source_digest_changed() -> None:
     vm = only(plan([moved], view([running])))
     assert vm.action is Action.REPLACE
     assert vm.replace_paths == ("source",)
-    assert vm.reason == "source differs on the node, and cocoon cannot change a VM in place"
+    assert (
+        vm.reason
+        == "its source is another digest now (source differs), and cocoon cannot change a VM in place"
+    )
+    assert vm.action_reason == "replace_because_source_changed"
     assert [(c.path, c.before, c.after) for c in vm.changes] == [
         ("source.digest", IMAGE_DIGEST, OTHER_IMAGE_DIGEST)
     ]
@@ -462,7 +466,8 @@ def test_replace_when_layers_drifted() -> None:
     vm = only(result)
     assert vm.action is Action.REPLACE
     assert {"disks", "blobs"} <= set(vm.replace_paths)
-    assert "differ on the node" in vm.reason
+    assert vm.reason.startswith("the VM runs on layers that are not its source's")
+    assert vm.action_reason == "replace_because_layers_drifted"
     assert [(d.path, d.expected, d.found) for d in vm.drift] == [("disks[1]", RUN_LAYERS[1], alien)]
     assert vm.drift[0].found_in == ()
     assert "belongs to no image on the node" in vm.drift[0].message

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
 
+from cocoonplan.cocoon import DiskRole
 from cocoonplan.errors import CocoonplanError, PlanError
 from cocoonplan.model import Mode, Model
 from cocoonplan.observed import ObservedVM
@@ -14,9 +15,11 @@ from cocoonplan.planner.hypervisor import record_launch
 from cocoonplan.planner.identity import Identity, fresh_identity, kept_identity
 from cocoonplan.planner.model import (
     Action,
+    ActionReason,
     ConfigOrigin,
     DesiredVM,
     Diagnostic,
+    Drift,
     LockChange,
     Plan,
     PlannedNic,
@@ -71,21 +74,70 @@ def _fetch_bytes(desired: DesiredVM) -> int:
     return sum(b.size for b in desired.blobs if not b.present)
 
 
-def power_action(observed: str, wanted: PowerState) -> tuple[Action, str]:
+def power_action(observed: str, wanted: PowerState) -> tuple[Action, ActionReason, str]:
     """What the VM's power state calls for, when nothing else differs."""
     if observed == "running":
         if wanted is PowerState.RUNNING:
-            return Action.NO_OP, "the node runs this VM as planned"
-        return Action.STOP, "the VM runs as planned, and its spec says stopped"
+            return Action.NO_OP, ActionReason.NO_OP_AS_PLANNED, "the node runs this VM as planned"
+        return (
+            Action.STOP,
+            ActionReason.STOP_BECAUSE_SPEC_STOPPED,
+            "the VM runs as planned, and its spec says stopped",
+        )
     if observed in ("stopped", "created"):
         if wanted is PowerState.RUNNING:
-            return Action.START, f"the VM is {observed} as planned, and its spec says running"
-        return Action.NO_OP, f"the VM is {observed} as planned"
+            return (
+                Action.START,
+                ActionReason.START_BECAUSE_STOPPED,
+                f"the VM is {observed} as planned, and its spec says running",
+            )
+        return Action.NO_OP, ActionReason.NO_OP_AS_PLANNED, f"the VM is {observed} as planned"
     # creating: a create in flight or one that died half way; error: cocoon could not run it.
     return (
         Action.UNKNOWN,
+        ActionReason.UNKNOWN_BECAUSE_VM_STATE,
         f"cocoon records the VM as {observed!r}: inspect it with `cocoon vm inspect` before planning it",
     )
+
+
+_RESOURCES = frozenset({"cpu", "memory", "storage", "nics", "network"})
+
+
+def replace_reason(paths: Sequence[str], drift: Sequence[Drift]) -> ActionReason:
+    """The cause of a replace, most telling first: layers the VM should not run on, then a new
+    source, then resources, then anything else of its configuration."""
+    if any(d.path.startswith("disks[") for d in drift):
+        return ActionReason.REPLACE_BECAUSE_LAYERS_DRIFTED
+    if "source" in paths:
+        return ActionReason.REPLACE_BECAUSE_SOURCE_CHANGED
+    if _RESOURCES & set(paths):
+        return ActionReason.REPLACE_BECAUSE_RESOURCES_CHANGED
+    return ActionReason.REPLACE_BECAUSE_CONFIG_CHANGED
+
+
+def replace_sentence(why: ActionReason, paths: Sequence[str]) -> str:
+    """The replace's cause in words; cocoon has no way to change a VM in place."""
+    fields = f"{', '.join(paths)} {'differs' if len(paths) == 1 else 'differ'}"
+    cause = _CAUSES.get(why)
+    said = f"{cause} ({fields})" if cause else f"{fields} on the node"
+    return f"{said}, and cocoon cannot change a VM in place"
+
+
+_CAUSES = {
+    ActionReason.REPLACE_BECAUSE_LAYERS_DRIFTED: "the VM runs on layers that are not its source's",
+    ActionReason.REPLACE_BECAUSE_SOURCE_CHANGED: "its source is another digest now",
+}
+
+
+def destroyed(vm: ObservedVM) -> tuple[str, ...]:
+    """What removing ``vm`` throws away: its guest's memory, its cow and its data disks."""
+    lost = ["the running guest's memory"] if vm.running else []
+    for disk in vm.storage_configs:
+        if disk.role is DiskRole.COW:
+            lost.append(f"cow disk {disk.path}")
+        elif disk.role is DiskRole.DATA:
+            lost.append(f"data disk {disk.serial} {disk.path}")
+    return tuple(lost)
 
 
 def _started(desired: DesiredVM, running: ObservedVM, view: NodeView) -> DesiredVM:
@@ -116,6 +168,7 @@ def plan_vm(item: PlanInput, view: NodeView) -> VMPlan:
         return VMPlan(
             **desired.model_dump(),
             action=Action.UNKNOWN,
+            action_reason=ActionReason.UNKNOWN_BECAUSE_NODE_STATE_UNKNOWN,
             reason=f"the state of node {view.name} is not known, so whether this VM exists is not known",
             fetch_bytes=_fetch_bytes(desired),
         )
@@ -125,16 +178,18 @@ def plan_vm(item: PlanInput, view: NodeView) -> VMPlan:
         return VMPlan(
             **desired.model_dump(),
             action=Action.CREATE,
+            action_reason=ActionReason.CREATE_BECAUSE_ABSENT,
             reason="no VM of this name is on the node",
             fetch_bytes=_fetch_bytes(desired),
         )
     kept = compile_vm(item, kept_identity(running, nic_count(item)), view)
     changes = diff_vm(kept, running)
+    drift = drift_of(running, view)
     observed = {
         "observed_id": running.id,
         "observed_state": running.state,
         "observed_fingerprint": running.fingerprint(),
-        "drift": drift_of(running, view),
+        "drift": drift,
     }
     if changes:
         paths = replace_paths(changes)
@@ -145,17 +200,20 @@ def plan_vm(item: PlanInput, view: NodeView) -> VMPlan:
         return VMPlan(
             **desired.model_dump(),
             action=Action.REPLACE,
-            reason=f"{', '.join(paths)} {'differs' if len(paths) == 1 else 'differ'} on the node, "
-            "and cocoon cannot change a VM in place",
+            action_reason=(why := replace_reason(paths, drift)),
+            reason=replace_sentence(why, paths),
+            destroys=destroyed(running),
             replace_paths=paths,
             changes=tuple(planned.get(change.path, change) for change in changes),
             fetch_bytes=_fetch_bytes(desired),
             **observed,
         )
-    action, reason = power_action(running.state, kept.state)
+    action, why, reason = power_action(running.state, kept.state)
     if action is Action.START:
         kept = _started(kept, running, view)
-    return VMPlan(**kept.model_dump(), action=action, reason=reason, fetch_bytes=0, **observed)
+    return VMPlan(
+        **kept.model_dump(), action=action, action_reason=why, reason=reason, fetch_bytes=0, **observed
+    )
 
 
 def _observed_source(vm: ObservedVM) -> tuple[PinnedRef | None, PinnedRef | None]:
@@ -214,6 +272,10 @@ def observed_plan(vm: ObservedVM, view: NodeView, action: Action, reason: str) -
         cmdline=vm.boot_config.cmdline or "" if vm.boot_config else "",
         launch=record_launch(vm, view.settings, rules_for(view)) or (),
         action=action,
+        action_reason=ActionReason.DELETE_BECAUSE_SPEC_REMOVED
+        if action is Action.DELETE
+        else ActionReason.REFRESH_ONLY,
+        destroys=destroyed(vm) if action is Action.DELETE else (),
         reason=reason,
         drift=drift_of(vm, view),
         observed_id=vm.id,
@@ -387,9 +449,12 @@ def make_plan(
             vms += deletes
             notes += foreign_warnings
     vms.sort(key=lambda vm: (vm.node, vm.name))
+    complete = not diagnostics and all(vm.action is not Action.UNKNOWN for vm in vms)
     plan = Plan(
         tool_version=tool_version,
         refresh_only=refresh_only,
+        complete=complete,
+        applyable=complete and not refresh_only,
         nodes=tuple(
             PlannedNode(
                 name=view.name,

@@ -52,6 +52,26 @@ SYMBOLS: dict[Action, str] = {
 """The one table of Terraform-style symbols per action."""
 
 
+class ActionReason(StrEnum):
+    """Why a VM gets its action, as a closed vocabulary beside the prose ``reason``; values
+    are the wire strings."""
+
+    CREATE_BECAUSE_ABSENT = "create_because_absent"
+    REPLACE_BECAUSE_LAYERS_DRIFTED = "replace_because_layers_drifted"
+    """The VM runs on other layers than its source's (the founding bug)."""
+    REPLACE_BECAUSE_SOURCE_CHANGED = "replace_because_source_changed"
+    REPLACE_BECAUSE_RESOURCES_CHANGED = "replace_because_resources_changed"
+    REPLACE_BECAUSE_CONFIG_CHANGED = "replace_because_config_changed"
+    START_BECAUSE_STOPPED = "start_because_stopped"
+    STOP_BECAUSE_SPEC_STOPPED = "stop_because_spec_stopped"
+    DELETE_BECAUSE_SPEC_REMOVED = "delete_because_spec_removed"
+    NO_OP_AS_PLANNED = "no_op_as_planned"
+    UNKNOWN_BECAUSE_NODE_STATE_UNKNOWN = "unknown_because_node_state_unknown"
+    UNKNOWN_BECAUSE_VM_STATE = "unknown_because_vm_state"
+    """cocoon records the VM as ``creating`` or ``error``."""
+    REFRESH_ONLY = "refresh_only"
+
+
 class ConfigOrigin(StrEnum):
     """Where a planned ``config`` comes from; values are the wire strings."""
 
@@ -241,8 +261,11 @@ class VMPlan(DesiredVM):
     """The plan for one VM: its desired form, the action, and why."""
 
     action: Action
+    action_reason: ActionReason
     reason: str
     """Why this action, in words. For display only: apply must never branch on it."""
+    destroys: tuple[str, ...] = ()
+    """What a replace or delete throws away with the VM: its memory state, cow and data disks."""
     replace_paths: tuple[str, ...] = ()
     """The fields that force a replace (cocoon cannot change them on a running VM)."""
     changes: tuple[Change, ...] = ()
@@ -324,6 +347,10 @@ class Plan(Model):
     refresh_only: bool = False
     """A refresh-only plan reports drift and proposes no action."""
     nodes: tuple[PlannedNode, ...] = ()
+    complete: bool = True
+    """Every spec was planned: no errors, no VM whose action is unknown."""
+    applyable: bool = True
+    """``cocoonplan apply`` would carry this plan out (complete, and not refresh-only)."""
     vms: tuple[VMPlan, ...]
     lock_changes: tuple[LockChange, ...] = ()
     errors: tuple[Diagnostic, ...] = ()
