@@ -287,6 +287,7 @@ def test_a_root_being_converted_is_refused(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "meta/meta-convert.manifest" in result.stderr and "cocoon meta convert" in result.stderr
     both = copy_examples(tmp_path / "both", node_b=True)
+    (both / "node-b/cloudhypervisor/db").mkdir(parents=True, exist_ok=True)  # git keeps no empty dirs
     shutil.copy(both / "node/cloudhypervisor/db/vms.json", both / "node-b/cloudhypervisor/db/vms.json")
     result = run_cli(["plan", "."], both)
     assert result.exit_code == 1 and "both metadata engines hold data" in result.stderr
