@@ -14,6 +14,7 @@ from enum import StrEnum
 from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     BeforeValidator,
     Field,
     StrictBool,
@@ -148,11 +149,59 @@ class DataDisk(Model):
         return "" if self.fstype is FsType.NONE else f"/mnt/{self.name}"
 
 
+MAX_EXPECTED_PATHS = 1024
+"""Paths one spec may expect; the proof reads every layer's listing once, whatever the count."""
+_MODE = re.compile(r"^0?[0-7]{3,4}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _guest_path(path: str) -> str:
+    """An absolute, normal path in the guest's root: no ``.``/``..`` part, no empty one."""
+    if not path.startswith("/") or path == "/":
+        raise ValueError(f"{path!r} must be an absolute path below /")
+    parts = path.strip("/").split("/")
+    if any(part in ("", ".", "..") for part in parts) or not path.isprintable():
+        raise ValueError(f"{path!r} must be a normal path (no empty, . or .. parts, printable characters)")
+    return "/" + "/".join(parts)
+
+
+GuestPath = Annotated[str, Field(max_length=4096), AfterValidator(_guest_path)]
+
+
+class ExpectedFile(Model):
+    """A path that must exist in the VM's root filesystem, optionally with content and mode."""
+
+    path: GuestPath
+    """Absolute path in the guest's merged root (``/usr/local/bin/agent.sh``)."""
+    sha256: str | None = Field(default=None, pattern=_SHA256.pattern)
+    """Hex sha256 of a regular file's content."""
+    mode: str | None = Field(default=None, pattern=_MODE.pattern)
+    """Permission bits in octal (``"0755"``), compared without the file type."""
+
+
 class Expectations(Model):
     """Facts the resolved inputs must match, or the plan fails."""
 
     base_image: str | None = Field(default=None, alias="baseImage")
     """The image (by tag or digest) a cloned snapshot must have been baked from."""
+    files: tuple[ExpectedFile, ...] = Field(default=(), max_length=MAX_EXPECTED_PATHS)
+    """Paths that must exist in the VM's root filesystem (a bare string is a path)."""
+    absent: tuple[GuestPath, ...] = Field(default=(), max_length=MAX_EXPECTED_PATHS)
+    """Paths that must not exist in the VM's root filesystem."""
+
+    @field_validator("files", mode="before")
+    @classmethod
+    def _bare_paths(cls, files: object) -> object:
+        if isinstance(files, list | tuple):
+            return [{"path": f} if isinstance(f, str) else f for f in files]
+        return files
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> Expectations:
+        both = {f.path for f in self.files} & set(self.absent)
+        if both:
+            raise ValueError(f"{sorted(both)[0]} is expected both present and absent")
+        return self
 
     model_config = Model.model_config | {"populate_by_name": True}
 
