@@ -5,7 +5,8 @@ The data freezes the project's founding bug (cocoon issue #46): VM ``agent-clone
 the hot snapshot ``ghcr.io/cocoonstack/agent-snap:v1``, baked from the 11-layer image
 ``ghcr.io/cocoonstack/cocoon/ubuntu:24.04-xface``, but it runs on the 6 layers of
 ``ghcr.io/cocoonstack/cocoon/ubuntu:24.04-xface-20260513`` (the first 2 are shared, the upper
-9 are missing). VM ``agent-run`` is a healthy ``vm run`` of the 6-layer image. cocoonplan's
+9 are missing, and with them the agent's watchdog script, which ``agent-clone.yaml`` expects).
+VM ``agent-run`` is a healthy ``vm run`` of the 6-layer image. cocoonplan's
 ownership file marks both as created by it (from ``agent-clone.yaml`` and ``agent-run.yaml``);
 VM ``legacy-tool``, another ``vm run`` of the 6-layer image, was made by hand: cocoonplan
 must leave it alone.
@@ -89,6 +90,14 @@ UPPER_FILES = {
     9: "etc/systemd/system/agent.service",
     10: "opt/agent/VERSION",
 }
+WATCHDOG = "usr/local/bin/simular-agent-watchdog.sh"
+"""The agent's watchdog, which the founding bug's clone lost: only layer 9 of the 11-layer
+image provides it (``expect.files`` of agent-clone.yaml)."""
+WATCHDOG_LAYER = 9
+WATCHDOG_SCRIPT = b"""#!/bin/sh
+# Restart the agent when it stops answering.
+exec systemctl restart agent.service
+"""
 
 
 def base_layers() -> list[Blob]:
@@ -113,12 +122,13 @@ def base_layers() -> list[Blob]:
 
 def upper_layer(n: int, total: int, build: str) -> Blob:
     """Upper layer ``n`` of an image with ``total`` layers, tagged with its ``build``."""
-    return layer(
-        {
-            f"usr/share/xface/{n}.txt": f"xface {build} layer {n} of {total}\n".encode(),
-            UPPER_FILES[n]: f"# {UPPER_FILES[n]} from xface {build} layer {n}\n".encode(),
-        }
-    )
+    files = {
+        f"usr/share/xface/{n}.txt": f"xface {build} layer {n} of {total}\n".encode(),
+        UPPER_FILES[n]: f"# {UPPER_FILES[n]} from xface {build} layer {n}\n".encode(),
+    }
+    if n == WATCHDOG_LAYER:
+        files[WATCHDOG] = WATCHDOG_SCRIPT
+    return layer(files, modes={WATCHDOG: 0o755})
 
 
 def scenario() -> tuple[dict[str, Artifact], list[NodeVM]]:

@@ -129,8 +129,9 @@ class Blob:
         return desc
 
 
-def layer(files: Mapping[str, bytes]) -> Blob:
-    """A deterministic gzip tar layer of regular files (0644) plus their parent dirs (0755)."""
+def layer(files: Mapping[str, bytes], modes: Mapping[str, int] | None = None) -> Blob:
+    """A deterministic gzip tar layer of regular files (0644, or their ``modes``) plus their
+    parent dirs (0755)."""
     entries: dict[str, bytes | None] = {}
     for name, data in files.items():
         clean = posixpath.normpath(name)
@@ -150,9 +151,69 @@ def layer(files: Mapping[str, bytes]) -> Blob:
                 info.type, info.mode = tarfile.DIRTYPE, 0o755
                 tar.addfile(info)
             else:
-                info.mode, info.size = 0o644, len(content)
+                info.mode, info.size = (modes or {}).get(name, 0o644), len(content)
                 tar.addfile(info, io.BytesIO(content))
     return Blob(OCI_LAYER_GZIP, gzip.compress(buf.getvalue(), compresslevel=9, mtime=0))
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tar entry of a hand-built layer (:func:`layer_of`)."""
+
+    name: str
+    type: bytes = tarfile.REGTYPE
+    data: bytes = b""
+    mode: int = 0o644
+    linkname: str = ""
+
+
+def regular(name: str, data: bytes, mode: int = 0o644) -> Entry:
+    """A regular file."""
+    return Entry(name, tarfile.REGTYPE, data, mode)
+
+
+def directory(name: str, mode: int = 0o755) -> Entry:
+    """A directory."""
+    return Entry(name, tarfile.DIRTYPE, mode=mode)
+
+
+def symlink(name: str, target: str) -> Entry:
+    """A symbolic link to ``target`` as written."""
+    return Entry(name, tarfile.SYMTYPE, mode=0o777, linkname=target)
+
+
+def hardlink(name: str, target: str) -> Entry:
+    """A hard link to the earlier entry ``target`` of the same layer."""
+    return Entry(name, tarfile.LNKTYPE, linkname=target)
+
+
+def whiteout(path: str) -> Entry:
+    """The OCI whiteout deleting ``path`` of the layers below (``DIR/.wh.NAME``)."""
+    parent, name = posixpath.split(path)
+    return Entry(posixpath.join(parent, f".wh.{name}"), tarfile.REGTYPE, mode=0o600)
+
+
+def opaque(path: str) -> Entry:
+    """The OCI marker making directory ``path`` opaque (``DIR/.wh..wh..opq``)."""
+    return Entry(posixpath.join(path, ".wh..wh..opq"), tarfile.REGTYPE, mode=0o600)
+
+
+def layer_of(entries: Iterable[Entry], *, compresslevel: int = 9) -> Blob:
+    """A deterministic gzip tar layer of exactly ``entries``, in the order given (no parents
+    added, nothing sorted: as a build tool that diffs a tree writes them). The tar is
+    compressed as it is written, so a layer of many files is never whole in memory."""
+    buf = io.BytesIO()
+    with (
+        gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=compresslevel, mtime=0) as compressed,
+        tarfile.open(fileobj=compressed, mode="w", format=tarfile.PAX_FORMAT) as tar,
+    ):
+        for entry in entries:
+            info = tarfile.TarInfo(entry.name)
+            info.type, info.mode, info.linkname = entry.type, entry.mode, entry.linkname
+            info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+            info.size = len(entry.data) if entry.type == tarfile.REGTYPE else 0
+            tar.addfile(info, io.BytesIO(entry.data) if info.size else None)
+    return Blob(OCI_LAYER_GZIP, buf.getvalue())
 
 
 def layer_tar(blob: Blob) -> bytes:

@@ -7,22 +7,23 @@ root filesystem the snapshot was taken on. So each test here plans the shipped e
 the real CLI, turns the disks the plan lists into images (the EROFS of exactly the planned
 layer digests, an empty ext4 cow, a blank data disk), attaches them in plan order as
 virtio-blk devices carrying the planned serials, and boots Debian's kernel under QEMU TCG
-with the plan's ``cocoon.layers=`` and ``cocoon.cow=``. The guest (tests/bootproof.py) does
-what cocoon's ``cocoon-overlay`` does and hashes every file of the merged root.
+with the plan's ``cocoon.layers=`` and ``cocoon.cow=``. The guest (``cocoonplan.proof``, run
+through ``api.verify_boot`` as ``cocoonplan verify --boot`` runs it) does what cocoon's
+``cocoon-overlay`` does and, asked for an inventory, hashes every file of the merged root.
 
 Proven:
 
 * the planned disk set of ``agent-clone`` boots to exactly the merged tree of the 11 layers
   of ``ubuntu:24.04-xface`` (the snapshot's base), computed independently from the layer tars;
 * the disk set the node really runs ``agent-clone`` on (the 6 layers of
-  ``ubuntu:24.04-xface-20260513``, read from the plan's own ``changes[].before``, which must
-  agree with the node's vms.json) boots too, silently, without every file of layers 6..10
+  ``ubuntu:24.04-xface-20260513``, as ``--as-on-node`` reads them from the node's vms.json)
+  boots too, silently, without every file of layers 6..10
   (``opt/agent/VERSION`` among them) and with other builds of layers 2..5: the bug in a real
   kernel, and exactly the layers the plan's ``drift`` names;
 * where paths repeat, the layer ``cocoon.layers=`` names first wins (a small control boot,
   because the example images never repeat a path).
 
-Needs qemu-system-x86, busybox-static, cpio, e2fsprogs and a kernel unpacked by
+Needs qemu-system-x86, busybox-static, e2fsprogs, erofs-utils and a kernel unpacked by
 scripts/fetch-kernel (``COCOONPLAN_KERNEL_ROOT``); scripts/test provides all of them. Without
 them the tests skip on a developer machine and fail under CI.
 """
@@ -30,17 +31,25 @@ them the tests skip on a developer machine and fail under CI.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
-import bootproof
-from bootproof import BootResult, Guest
+from bootproof import merged_tree, require_kernel_root
 from clirunner import copy_examples, example_builder, run_cli
+from cocoonplan import api
+from cocoonplan.cocoon import DiskRole
+from cocoonplan.executors.blobs import PlainProgress
+from cocoonplan.oci.sources import open_sources
+from cocoonplan.proof.boot import prove
+from cocoonplan.proof.host import KvmMode, choose_machine
+from cocoonplan.proof.target import BootTarget, DiskSet, TargetDisk, root_arguments
+from cocoonplan.proof.verdict import Verdict, Verification
 from ocifixture import Artifact, Blob, build_cmdline, files_of
 
 BUILD = example_builder()
@@ -53,16 +62,8 @@ JSON = dict[str, Any]
 
 
 @pytest.fixture(scope="module")
-def guest(tmp_path_factory: pytest.TempPathFactory) -> Guest:
-    """The kernel and proof initramfs, built once (extracting vmlinux takes about a second)."""
-    missing = bootproof.missing_prerequisites()
-    if missing:
-        message = "boot proof needs " + "; ".join(missing)
-        if os.environ.get("CI"):
-            pytest.fail(message + ": CI must run it (scripts/test provides all of this)")
-        pytest.skip(message)
-    kernel_root = Path(os.environ[bootproof.KERNEL_ROOT_ENV])
-    return bootproof.prepare_guest(kernel_root, tmp_path_factory.mktemp("guest"))
+def kernel_root() -> Path:
+    return require_kernel_root()
 
 
 @pytest.fixture(scope="module")
@@ -87,86 +88,50 @@ def images() -> dict[str, Artifact]:
 
 
 @pytest.fixture(scope="module")
-def blobs(images: dict[str, Artifact]) -> dict[str, Blob]:
-    """Every layer blob of the example images, by digest: the source of each EROFS disk."""
-    return {blob.digest: blob for art in images.values() for blob in art.layers}
+def planned_boot(kernel_root: Path, project: Path) -> Verification:
+    """``agent-clone`` booted on the disks and cmdline the plan lists."""
+    return verify(project, kernel_root, as_on_node=False)
 
 
 @pytest.fixture(scope="module")
-def planned_boot(
-    guest: Guest, clone: JSON, blobs: dict[str, Blob], tmp_path_factory: pytest.TempPathFactory
-) -> BootResult:
-    """The guest booted on the disks and cmdline the plan lists for ``agent-clone``."""
-    return boot_as_listed(guest, clone["disks"], clone["cmdline"], blobs, tmp_path_factory.mktemp("planned"))
-
-
-@pytest.fixture(scope="module")
-def node_side(clone: JSON, project: Path) -> tuple[list[JSON], str]:
-    """The disks and cmdline the node runs ``agent-clone`` with, as the plan reports them.
-
-    The plan's ``changes[]`` carry the node's value of each differing disk (``before``; None
-    when the node has no such disk) and cmdline; disks without a change are as planned. This
-    is checked against the node's own vms.json, so the boot below is of what really runs.
-    """
-    disks = {disk["index"]: disk for disk in clone["disks"]}
-    cmdline = clone["cmdline"]
-    for change in clone["changes"]:
-        if match := re.fullmatch(r"disks\[(\d+)\]", change["path"]):
-            index = int(match[1])
-            if change["before"] is None:
-                del disks[index]
-            else:
-                disks[index] = change["before"] | {"index": index}
-        elif change["path"] == "cmdline":
-            cmdline = change["before"]
-    running = [disks[i] for i in sorted(disks)]
-
-    vms = json.loads((project / "node" / "cloudhypervisor" / "db" / "vms.json").read_text())
-    record = vms["vms"][vms["names"][clone["name"]]]
-    assert [(d["serial"], d["path"], d["readonly"]) for d in running] == [
-        (sc["serial"], sc["path"], sc["ro"]) for sc in record["storage_configs"]
-    ], "the plan's changes[].before must describe the node's disks"
-    assert cmdline == record["boot_config"]["cmdline"], "the plan's cmdline before must be the node's"
-    return running, cmdline
-
-
-@pytest.fixture(scope="module")
-def node_boot(
-    guest: Guest,
-    node_side: tuple[list[JSON], str],
-    blobs: dict[str, Blob],
-    tmp_path_factory: pytest.TempPathFactory,
-) -> BootResult:
-    """The guest booted on the disks and cmdline ``agent-clone`` really runs with on the node."""
-    disks, cmdline = node_side
-    return boot_as_listed(guest, disks, cmdline, blobs, tmp_path_factory.mktemp("node"))
+def node_boot(kernel_root: Path, project: Path) -> Verification:
+    """``agent-clone`` booted on the disks and cmdline the node's record holds."""
+    return verify(project, kernel_root, as_on_node=True)
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-def boot_as_listed(
-    guest: Guest, disks: list[JSON], cmdline: str, blobs: dict[str, Blob], work: Path
-) -> BootResult:
-    """Boot ``disks`` (plan-document shape) with ``cmdline``'s cocoon tokens; check the guest
-    saw and stacked them exactly as listed before anyone looks at its files."""
-    args = bootproof.cocoon_args(cmdline)
-    result = bootproof.boot(guest, bootproof.disk_images(disks, blobs, work), args)
-    result.check()
-    # Every listed disk arrived under its serial with its access mode, and nothing else did.
-    assert {serial: ro for serial, (_, ro) in result.disks.items()} == {
-        d["serial"]: d["readonly"] for d in disks
-    }
-    # cocoon.layers lists the layer disks top first (cocoon-formats.md §5.5), and the kernel's
-    # overlay took them in that order.
-    layers = next(a for a in args if a.startswith("cocoon.layers=")).removeprefix("cocoon.layers=").split(",")
-    assert layers == [d["serial"] for d in reversed(disks) if d["role"] == "layer"]
-    assert result.lowerdirs() == [LAYER_ROOT + serial for serial in layers]
+def verify(project: Path, kernel_root: Path, *, as_on_node: bool) -> Verification:
+    """``verify --boot agent-clone.yaml`` with an inventory of the root; the guest must have
+    seen and stacked the disks exactly as listed before anyone looks at its files."""
+    (result,) = api.verify_boot(
+        [project / "agent-clone.yaml"],
+        api.Environment(env=dict(os.environ), cwd=project),
+        progress=PlainProgress(io.StringIO()),
+        kernel_root=kernel_root,
+        as_on_node=as_on_node,
+        inventory=True,
+    )
+    assert_stacked_as_listed(result)
     return result
 
 
-def layer_digests(disks: list[JSON]) -> list[str]:
-    return [d["digest"] for d in disks if d["role"] == "layer"]
+def assert_stacked_as_listed(result: Verification) -> None:
+    report, target = result.report, result.target
+    assert result.failure is None, f"{result.failure}\n{report.tail(80)}"
+    # Every listed disk arrived under its serial with its access mode, and nothing else did.
+    assert {serial: ro for serial, (_, ro) in report.disks.items()} == {
+        d.serial: d.readonly for d in target.disks
+    }
+    # cocoon.layers lists the layer disks top first (cocoon-formats.md §5.5), and the kernel's
+    # overlay took them in that order.
+    layers = (
+        next(a for a in target.kernel_args if a.startswith("cocoon.layers=")).partition("=")[2].split(",")
+    )
+    assert layers == [d.serial for d in reversed(target.disks) if d.role is DiskRole.LAYER]
+    overlay = dict(option.partition("=")[::2] for option in report.overlay.split(","))
+    assert overlay["lowerdir"].split(":") == [LAYER_ROOT + serial for serial in layers]
 
 
 def paths_of(layers: list[Blob]) -> set[str]:
@@ -177,7 +142,7 @@ def paths_of(layers: list[Blob]) -> set[str]:
 
 
 def test_planned_clone_boots_the_snapshots_eleven_layer_root(
-    planned_boot: BootResult, clone: JSON, images: dict[str, Artifact]
+    planned_boot: Verification, clone: JSON, images: dict[str, Artifact]
 ) -> None:
     """The plan's disks for ``agent-clone`` boot to the root its snapshot was taken on.
 
@@ -186,17 +151,17 @@ def test_planned_clone_boots_the_snapshots_eleven_layer_root(
     guest's sha256 of each equals the tar's.
     """
     xface = images[BUILD.XFACE]
-    assert layer_digests(clone["disks"]) == [blob.digest for blob in xface.layers]
-    assert planned_boot.files == bootproof.merged_tree(xface.layers)
+    layers = [blob.digest for blob in xface.layers]
+    assert list(planned_boot.target.layers) == layers
+    assert [d["digest"] for d in clone["disks"] if d["role"] == "layer"] == layers
+    files = planned_boot.report.files
+    assert files == merged_tree(xface.layers)
     version = files_of(xface.layers[10])["opt/agent/VERSION"]
-    assert planned_boot.files["opt/agent/VERSION"] == hashlib.sha256(version).hexdigest()
+    assert files["opt/agent/VERSION"] == hashlib.sha256(version).hexdigest()
 
 
 def test_node_layers_boot_without_the_upper_five_layers(
-    node_boot: BootResult,
-    planned_boot: BootResult,
-    node_side: tuple[list[JSON], str],
-    images: dict[str, Artifact],
+    node_boot: Verification, planned_boot: Verification, project: Path, images: dict[str, Artifact]
 ) -> None:
     """The founding bug in a real kernel: the clone's node disks boot without complaint to a
     root that lacks every file of layers 6..10 of the snapshot's image.
@@ -206,51 +171,68 @@ def test_node_layers_boot_without_the_upper_five_layers(
     exactly that image's tree: the agent (``opt/agent/VERSION``, its config, plugins and
     service) is gone, and layers 2..5 hold another build's files under the same paths.
     """
-    disks, _ = node_side
-    xface, xface_0513 = images[BUILD.XFACE], images[BUILD.XFACE_0513]
-    assert layer_digests(disks) == [blob.digest for blob in xface_0513.layers]
-    assert node_boot.files == bootproof.merged_tree(xface_0513.layers)
+    vms = json.loads((project / "node" / "cloudhypervisor" / "db" / "vms.json").read_text())
+    record = vms["vms"][vms["names"]["agent-clone"]]
+    assert [(d.serial, d.readonly) for d in node_boot.target.disks] == [
+        (sc["serial"], sc["ro"]) for sc in record["storage_configs"]
+    ], "--as-on-node boots the disks of the node's record"
+    assert set(node_boot.target.kernel_args) <= set(record["boot_config"]["cmdline"].split())
 
-    lost = planned_boot.files.keys() - node_boot.files.keys()
+    xface, xface_0513 = images[BUILD.XFACE], images[BUILD.XFACE_0513]
+    assert list(node_boot.target.layers) == [blob.digest for blob in xface_0513.layers]
+    planned, node = planned_boot.report.files, node_boot.report.files
+    assert node == merged_tree(xface_0513.layers)
+
+    lost = planned.keys() - node.keys()
     assert lost == paths_of(list(xface.layers[6:]))
     assert "opt/agent/VERSION" in lost
-    assert node_boot.files.keys() - planned_boot.files.keys() == set()
+    assert node.keys() - planned.keys() == set()
     # Same paths, other bytes: a substituted layer is worse than a missing one, as nothing
     # on the file system shows it.
     swapped = paths_of(list(xface.layers[2:6]))
-    assert swapped and all(node_boot.files[p] != planned_boot.files[p] for p in swapped)
+    assert swapped and all(node[p] != planned[p] for p in swapped)
     shared = paths_of(list(xface.layers[:2]))
-    assert all(node_boot.files[p] == planned_boot.files[p] for p in shared)
+    assert all(node[p] == planned[p] for p in shared)
 
 
 def test_plan_names_exactly_the_layers_the_node_boot_lost(
-    clone: JSON, planned_boot: BootResult, node_boot: BootResult, blobs: dict[str, Blob]
+    clone: JSON, planned_boot: Verification, node_boot: Verification, images: dict[str, Artifact]
 ) -> None:
     """What the plan reports is what the kernel shows: the layers its ``drift`` calls missing
     are exactly the ones whose files the node's root lacks, the substituted ones exactly
     those whose files have other bytes, and the plan replaces the VM."""
+    blobs = {blob.digest: blob for art in images.values() for blob in art.layers}
     assert clone["action"] == "replace"
     assert "disks" in clone["replace_paths"]
-    missing = [blobs[d["expected"]] for d in clone["drift"] if d["found"] is None]
-    substituted = [
-        (blobs[d["expected"]], blobs[d["found"]]) for d in clone["drift"] if d["found"] is not None
-    ]
+    layer_drift = [d for d in clone["drift"] if d["kind"] == "layer"]
+    missing = [blobs[d["expected"]] for d in layer_drift if d["found"] is None]
+    substituted = [(blobs[d["expected"]], blobs[d["found"]]) for d in layer_drift if d["found"] is not None]
     assert len(missing) == 5 and len(substituted) == 4
 
-    assert planned_boot.files.keys() - node_boot.files.keys() == paths_of(missing)
-    differing = {
-        p
-        for p in node_boot.files.keys() & planned_boot.files.keys()
-        if node_boot.files[p] != planned_boot.files[p]
-    }
+    planned, node = planned_boot.report.files, node_boot.report.files
+    assert planned.keys() - node.keys() == paths_of(missing)
+    differing = {p for p in node.keys() & planned.keys() if node[p] != planned[p]}
     assert differing == paths_of([expected for expected, _ in substituted])
     for _, found in substituted:
         for path, data in files_of(found).items():
-            assert node_boot.files[path] == hashlib.sha256(data).hexdigest()
+            assert node[path] == hashlib.sha256(data).hexdigest()
+
+
+def test_the_node_boot_names_every_expected_file_of_the_lost_layers(
+    planned_boot: Verification, node_boot: Verification, images: dict[str, Artifact]
+) -> None:
+    """The shipped spec's expectations (the founding scenario's watchdog among them) hold on
+    the planned disks, and on the node's disks every expected file that only layers 6..10
+    hold is reported missing by name: exactly those, so the node's boot fails iff there is one."""
+    assert planned_boot.ok, [c.describe() for c in planned_boot.findings]
+    lost = paths_of(list(images[BUILD.XFACE].layers[6:]))
+    only_lost = {f.path for f in node_boot.target.files if f.path.lstrip("/") in lost}
+    assert {c.path for c in node_boot.findings if c.verdict is Verdict.MISSING} == only_lost
+    assert node_boot.ok is not bool(only_lost)
 
 
 def test_layer_named_first_in_cocoon_layers_wins(
-    guest: Guest, images: dict[str, Artifact], tmp_path_factory: pytest.TempPathFactory
+    kernel_root: Path, project: Path, images: dict[str, Artifact]
 ) -> None:
     """Precedence control: where two layers hold the same path, the guest shows the copy of
     the layer that ``cocoon.layers=`` names first (the top one).
@@ -258,24 +240,42 @@ def test_layer_named_first_in_cocoon_layers_wins(
     The example images never repeat a path within one image, so the boots above cannot show
     precedence. Here layer 2 of each build (both hold ``usr/bin/xface-session`` and
     ``usr/share/xface/2.txt``, with different bytes) is stacked on the shared base layer, with
-    the cmdline cocoon builds for 3 layers (ocifixture.build_cmdline, cocoon-formats.md §5.5).
+    the cmdline cocoon builds for 3 layers (ocifixture.build_cmdline, cocoon-formats.md §5.5),
+    each layer booted from the example node's own EROFS file.
     """
     xface, xface_0513 = images[BUILD.XFACE], images[BUILD.XFACE_0513]
     stack = [xface.layers[0], xface_0513.layers[2], xface.layers[2]]  # bottom first
-    disks: list[JSON] = [
-        {"serial": f"cocoon-layer{j}", "role": "layer", "readonly": True, "digest": blob.digest}
+    disks = [
+        TargetDisk(serial=f"cocoon-layer{j}", role=DiskRole.LAYER, readonly=True, layer=blob.digest)
         for j, blob in enumerate(stack)
     ]
-    disks.append({"serial": "cocoon-cow", "role": "cow", "readonly": False})
-    blobs = {blob.digest: blob for blob in stack}
-    result = boot_as_listed(
-        guest, disks, build_cmdline(len(stack), "precedence", ()), blobs, tmp_path_factory.mktemp("order")
+    disks.append(TargetDisk(serial="cocoon-cow", role=DiskRole.COW, readonly=False))
+    target = BootTarget(
+        node="node-a",
+        vm="precedence",
+        disk_set=DiskSet.PLANNED,
+        disks=tuple(disks),
+        kernel_args=root_arguments(build_cmdline(len(stack), "precedence", ()), "precedence"),
     )
+    context = api.find_project([project], project)
+    with httpx.Client() as client, open_sources(context, client, {}) as sources:
+        (result,) = prove(
+            [target],
+            kernel_root=kernel_root,
+            machine=choose_machine(KvmMode.AUTO),
+            timeout=api.BOOT_TIMEOUT_SECONDS,
+            local_roots={"node-a": project / "node"},
+            blobs={},
+            sources=sources,
+            progress=PlainProgress(io.StringIO()),
+            inventory=True,
+        )
+    assert_stacked_as_listed(result)
 
     repeated = files_of(stack[1]).keys() & files_of(stack[2]).keys()
     assert repeated == {"usr/bin/xface-session", "usr/share/xface/2.txt"}
-    assert result.files == bootproof.merged_tree(stack)
+    assert result.report.files == merged_tree(stack)
     for path in repeated:
         top, below = files_of(stack[2])[path], files_of(stack[1])[path]
         assert top != below
-        assert result.files[path] == hashlib.sha256(top).hexdigest()
+        assert result.report.files[path] == hashlib.sha256(top).hexdigest()

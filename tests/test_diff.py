@@ -114,12 +114,25 @@ def test_clone_on_the_substituted_layer_set_drifts_and_is_replaced(
     assert code == 2
     clone = vm_entry(document, "agent-clone")
     assert clone["action"] == "replace"
-    alien = [d for d in clone["drift"] if d["found"]]
+    layers = [d for d in clone["drift"] if d["kind"] == "layer"]
+    alien = [d for d in layers if d["found"]]
     assert len(alien) == 4 and {tuple(d["found_in"]) for d in alien} == {(build.XFACE_0513,)}
-    assert len([d for d in clone["drift"] if d["found"] is None]) == 5
-    changed = {c["path"] for c in clone["changes"]}
-    assert {f"disks[{i}]" for i in range(2, 13)} <= changed
-    assert "config.disks[2].path" in changed
+    assert len([d for d in layers if d["found"] is None]) == 5
+    changed = {(c["kind"], tuple(c["path"]), c["op"]): c for c in clone["changes"]}
+    # Disks pair by serial: four layers swapped, five inserted, the cow and data disk moved.
+    assert {("disk", ("disks", f"cocoon-layer{i}"), "update") for i in range(2, 6)} <= changed.keys()
+    assert {("disk", ("disks", f"cocoon-layer{i}"), "add") for i in range(6, 11)} <= changed.keys()
+    moved = {
+        path[1]: (c["before"]["index"], c["after"]["index"])
+        for (_, path, op), c in changed.items()
+        if op == "move"
+    }
+    assert moved == {"cocoon-cow": (6, 11), "db": (7, 12)}
+    # The layer swap owns its config.json path and its blobs: one fact, said once.
+    path = changed["config", ("config", "disks", "cocoon-layer2", "path"), "update"]
+    assert path["cause"] == ["disks", "cocoon-layer2"]
+    assert clone["replace_paths"] == ["disks"]
+    assert clone["action_reason"] == "replace_because_layers_drifted"
     _pin(project, document, snapshot_json, snapshot_text)
 
 
@@ -137,10 +150,20 @@ def test_moved_snapshot_tag_replaces_old_to_new(
     assert code == 0
     clone = vm_entry(document, "agent-clone")
     assert clone["action"] == "replace"
-    assert {"path": "source.digest", "before": SNAP.digest, "after": rebaked.digest} in clone["changes"]
+    assert {
+        "kind": "source",
+        "path": ["source", "digest"],
+        "op": "update",
+        "before": SNAP.digest,
+        "after": rebaked.digest,
+        "cause": None,
+    } in clone["changes"]
     assert clone["drift"] == []
     assert "source" in clone["replace_paths"]
-    assert f'~ source.digest: "{SNAP.digest}" → "{rebaked.digest}"' in run_cli(["plan", "."], project).stdout
+    assert (
+        f'~ source.digest: "{SNAP.digest}" → "{rebaked.digest}"'
+        in run_cli(["plan", ".", "-v"], project).stdout
+    )
     _pin(project, document, snapshot_json, snapshot_text)
 
 
@@ -198,7 +221,7 @@ def test_applied_files_that_changed_on_the_node_are_drift(tmp_path: Path) -> Non
     code, document = plan_json(project, "--refresh-only", "--detailed-exitcode")
     assert code == 2
     (drift,) = vm_entry(document, "agent-clone")["drift"]
-    assert drift["path"] == "cmdline"
+    assert (drift["kind"], drift["path"]) == ("applied", ["cmdline"])
     assert drift["expected"] == "console=hvc0 applied-elsewhere"
 
 

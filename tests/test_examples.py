@@ -67,7 +67,7 @@ def test_example_config_is_pinned_and_valid(
 
 
 def test_plan_json_has_the_documented_keys(document: dict[str, Any]) -> None:
-    assert document["format_version"] == 1
+    assert document["format_version"] == 2
     assert {"format_version", "vms", "errors", "lock_changes", "summary"} <= set(document)
     for vm in document["vms"]:
         assert {"name", "action", "source", "blobs", "disks", "config", "cmdline"} <= set(vm)
@@ -124,7 +124,7 @@ def test_show_refuses_another_format_version(project: Path, tmp_path: Path) -> N
     out.write_text(json.dumps(document))
     result = run_cli(["show", str(out)], project)
     assert result.exit_code == 1
-    assert "plan format_version 99, this cocoonplan reads 1" in result.stderr
+    assert "plan format_version 99, this cocoonplan reads 2" in result.stderr
 
 
 def test_render_writes_and_checks_gitops_files(project: Path, tmp_path: Path) -> None:
@@ -164,16 +164,29 @@ def test_examples_show_the_founding_bug_as_drift(document: dict[str, Any], suffi
     clone = _vm(document, "agent-clone" + suffix)
     assert clone["action"] == "replace"
     assert "disks" in clone["replace_paths"]
-    alien = [d for d in clone["drift"] if d["found"] is not None]
-    missing = [d for d in clone["drift"] if d["found"] is None]
-    assert [d["path"] for d in alien] == [f"disks[{i}]" for i in range(2, 6)]
+    layers = [d for d in clone["drift"] if d["kind"] == "layer"]
+    alien = [d for d in layers if d["found"] is not None]
+    missing = [d for d in layers if d["found"] is None]
+    assert [d["path"] for d in alien] == [["disks", i] for i in range(2, 6)]
     assert all(d["found_in"] == ["ghcr.io/cocoonstack/cocoon/ubuntu:24.04-xface-20260513"] for d in alien)
     assert all(
         "not to the snapshot's base ghcr.io/cocoonstack/cocoon/ubuntu:24.04-xface" in d["message"]
         for d in alien
     )
-    assert [d["path"] for d in missing] == [f"disks[{i}]" for i in range(6, 11)]
-    assert all(d["expected"].startswith("sha256:") for d in clone["drift"])
+    assert [d["path"] for d in missing] == [["disks", i] for i in range(6, 11)]
+    # The spec's expected watchdog script: present in the plan, missing on the node's VM.
+    files = [d for d in clone["drift"] if d["kind"] == "file"]
+    if suffix == "":
+        (watchdog,) = files
+        assert watchdog["path"] == ["files", "/usr/local/bin/simular-agent-watchdog.sh"]
+        assert watchdog["found_in"] == ["ghcr.io/cocoonstack/cocoon/ubuntu:24.04-xface layer 9"]
+        assert [(f["path"], f["verdict"], f["layer"]) for f in clone["files"]] == [
+            ("/usr/local/bin/simular-agent-watchdog.sh", "holds", 9)
+        ]
+    assert [d for d in document["drift"] if d["vm"] == clone["name"] and d["node"] == clone["node"]] == [
+        {**d, "vm": clone["name"], "node": clone["node"]} for d in clone["drift"]
+    ]
+    assert all(d["expected"].startswith("sha256:") for d in layers)
     run = _vm(document, "agent-run" + suffix)
     assert run["action"] == "no-op" and run["drift"] == [] and run["changes"] == []
     assert [w["vm"] for w in document["warnings"]] == ["legacy-tool", "legacy-tool"]

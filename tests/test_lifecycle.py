@@ -79,7 +79,7 @@ def test_a_stopped_vm_whose_spec_says_running_is_started(
     assert run["vm_id"] == build.AGENT_RUN_ID and run["provisional"] == []
     assert document["summary"]["start"] == 1 and document["summary"]["replace"] == 0
     human = run_cli(["plan", "."], project).stdout
-    assert '>   vm "agent-run" on node-a (run) will be started' in human
+    assert ">   agent-run on node-a (run, agent-run.yaml) will be started" in human
     assert "1 to start" in human
     assert run == snapshot_json
 
@@ -105,7 +105,10 @@ def test_a_running_vm_whose_spec_says_stopped_is_stopped(
     assert code == 2
     run = vm_entry(document, "agent-run")
     assert (run["action"], run["observed_state"], run["changes"]) == ("stop", "running", [])
-    assert '||  vm "agent-run" on node-a (run) will be stopped' in run_cli(["plan", "."], project).stdout
+    assert (
+        "||  agent-run on node-a (run, agent-run.yaml) will be stopped"
+        in run_cli(["plan", "."], project).stdout
+    )
     assert run == snapshot_json
 
 
@@ -187,7 +190,7 @@ def test_a_launch_line_cocoon_would_not_write_is_drift(tmp_path: Path) -> None:
     code, document = plan_json(project, "--refresh-only", "--detailed-exitcode")
     assert code == 2
     (drift,) = vm_entry(document, "agent-clone")["drift"]
-    assert drift["path"] == "launch" and drift["found"] == "cloud-hypervisor --api-socket /elsewhere"
+    assert drift["path"] == ["launch"] and drift["found"] == "cloud-hypervisor --api-socket /elsewhere"
     assert f"cloud-hypervisor --api-socket /var/lib/cocoon/{run_dir}/api.sock" in drift["expected"]
     # Stopped, the same VM has no runtime files to judge.
     stopped = _project(tmp_path / "stopped", _vms(agent_clone={"state": "stopped"}))
@@ -218,7 +221,9 @@ def test_a_record_naming_the_default_network_is_no_change(
         vm = vm_entry(document, name)
         assert vm["action"] == action, vm["reason"]
         if action == "replace":
-            assert {"path": "network", "before": "cocoon", "after": "other"} in vm["changes"]
+            assert [(c["kind"], c["path"], c["before"], c["after"]) for c in vm["changes"]] == [
+                ("network", ["network"], "cocoon", "other")
+            ]
 
 
 # --------------------------------------------------------------------------- unknown nodes
@@ -279,7 +284,8 @@ def test_a_create_lists_every_value_cocoon_draws_as_provisional(
     # Layer paths are content-addressed, not drawn: never provisional.
     assert not any(p.startswith("disks[0]") for p in provisional)
     assert any("ip=" in note for note in run["notes"])
-    assert "vm id:      " + run["vm_id"] + " *" in run_cli(["plan", "."], project).stdout
+    assert f"new vm id {run['vm_id']} *" in run_cli(["plan", "."], project).stdout
+    assert f"vm id:      {run['vm_id']} *" in run_cli(["plan", ".", "-v"], project).stdout
     assert run == snapshot_json
 
 
@@ -295,7 +301,7 @@ def test_a_replace_plans_a_new_provisional_identity(tmp_path: Path, snapshot_jso
     node_nic = next(vm for vm in SCENARIO_VMS if vm.name == "agent-clone").nics[0]
     assert clone["interfaces"][0]["address"] is None and node_nic.ip not in clone["cmdline"]
     # The changes still compare like with like: nothing but the real differences.
-    assert not any(c["path"] in ("vm_id", "nics") for c in clone["changes"])
+    assert not any(c["path"][0] in ("vm_id", "nics") for c in clone["changes"])
     assert {k: clone[k] for k in ("vm_id", "provisional", "interfaces", "restore", "launch")} == snapshot_json
 
 

@@ -422,13 +422,10 @@ def test_replace_when_the_source_digest_changed() -> None:
     vm = only(plan([moved], view([running])))
     assert vm.action is Action.REPLACE
     assert vm.replace_paths == ("source",)
-    assert (
-        vm.reason
-        == "its source is another digest now (source differs), and cocoon cannot change a VM in place"
-    )
+    assert vm.reason == "its source is another digest now, and cocoon cannot change a VM in place"
     assert vm.action_reason == "replace_because_source_changed"
-    assert [(c.path, c.before, c.after) for c in vm.changes] == [
-        ("source.digest", IMAGE_DIGEST, OTHER_IMAGE_DIGEST)
+    assert [(c.kind, c.path, c.op, c.before, c.after) for c in vm.changes] == [
+        ("source", ("source", "digest"), "update", IMAGE_DIGEST, OTHER_IMAGE_DIGEST)
     ]
     assert vm.observed_id == running.id
     assert vm.vm_id != running.id and "vm_id" in vm.provisional
@@ -440,9 +437,16 @@ def test_replace_when_cpu_changed() -> None:
     vm = only(plan([run_input(cpu=4)], view([running])))
     assert vm.action is Action.REPLACE
     assert vm.replace_paths == ("cpu",)
-    assert vm.reason == "cpu differs on the node, and cocoon cannot change a VM in place"
-    cpu = next(c for c in vm.changes if c.path == "cpu")
-    assert (cpu.before, cpu.after) == (2, 4)
+    assert vm.reason == "cpu 2 → 4 differs, and cocoon cannot change a VM in place"
+    cpu = next(c for c in vm.changes if c.path == ("cpu",))
+    assert (cpu.kind, cpu.op, cpu.before, cpu.after, cpu.cause) == ("resources", "update", 2, 4, None)
+    # What the cpu count changes in the launch is said as its consequence, token by token.
+    follows = {c.path: (c.before, c.after) for c in vm.changes if c.cause == ("cpu",)}
+    assert follows[("launch", "--cpus", "boot")] == ("2", "4")
+    assert {p[2] for p in follows if p[1] == "--disk" and p[-1] == "num_queues"} == {
+        d.serial for d in vm.disks
+    }
+    assert all(c.kind == "launch" for c in vm.changes if c.cause == ("cpu",))
     assert vm.cpu == 4
 
 
@@ -450,8 +454,9 @@ def test_a_clone_asking_for_more_cpu_on_v0_3_is_replaced_with_it() -> None:
     running = healthy(clone_input())
     vm = only(plan([clone_input(cpu=4)], view([running])))
     assert vm.action is Action.REPLACE
-    assert {"cpu", "config"} <= set(vm.replace_paths)
-    assert any(c.path == "config.cpus.boot_vcpus" and (c.before, c.after) == (2, 4) for c in vm.changes)
+    assert vm.replace_paths == ("cpu",)
+    boot = next(c for c in vm.changes if c.path == ("config", "cpus", "boot_vcpus"))
+    assert (boot.before, boot.after, boot.cause) == (2, 4, ("cpu",))
 
 
 def test_replace_when_layers_drifted() -> None:
@@ -465,15 +470,18 @@ def test_replace_when_layers_drifted() -> None:
     result = plan([item], view([drifted], bases={running.id: base}))
     vm = only(result)
     assert vm.action is Action.REPLACE
-    assert {"disks", "blobs"} <= set(vm.replace_paths)
-    assert vm.reason.startswith("the VM runs on layers that are not its source's")
+    assert vm.replace_paths == ("disks",)
+    assert vm.reason.startswith("it runs on layers that are not its source's")
     assert vm.action_reason == "replace_because_layers_drifted"
-    assert [(d.path, d.expected, d.found) for d in vm.drift] == [("disks[1]", RUN_LAYERS[1], alien)]
+    assert [(d.kind, d.path, d.expected, d.found) for d in vm.drift] == [
+        ("layer", ("disks", 1), RUN_LAYERS[1], alien)
+    ]
     assert vm.drift[0].found_in == ()
     assert "belongs to no image on the node" in vm.drift[0].message
-    assert f"blobs[{alien}]" in {c.path for c in vm.changes}
-    disk = next(c for c in vm.changes if c.path == "disks[1]")
-    assert disk.before["digest"] == alien and disk.after["digest"] == RUN_LAYERS[1]
+    disk = next(c for c in vm.changes if c.path == ("disks", "cocoon-layer1"))
+    assert disk.op == "update" and disk.before["digest"] == alien and disk.after["digest"] == RUN_LAYERS[1]
+    blob = next(c for c in vm.changes if c.path == ("blobs", alien))
+    assert (blob.op, blob.cause) == ("remove", ("disks", "cocoon-layer1"))
     assert result.summary.drifted == 1
 
 
@@ -595,7 +603,7 @@ def test_a_known_default_network_is_compared(recorded: str, action: Action) -> N
     assert vm.action is action
     if action is Action.REPLACE:
         assert vm.replace_paths == ("network",)
-        assert [(c.path, c.before, c.after) for c in vm.changes] == [("network", "other", "bridge")]
+        assert [(c.path, c.before, c.after) for c in vm.changes] == [(("network",), "other", "bridge")]
 
 
 def test_the_specs_network_wins_over_the_default() -> None:

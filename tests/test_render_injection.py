@@ -19,7 +19,7 @@ from markdown_it.token import Token
 
 from clirunner import copy_examples, run_cli, vm_entry
 from cocoonplan.planner.model import Plan
-from cocoonplan.render import plan_document, render_json, render_markdown
+from cocoonplan.render import plan_document, render_json, render_markdown_parts
 from cocoonplan.render.escape import code, fence, html, md, plain, plain_lines
 
 PARSER = MarkdownIt("commonmark").enable(["table", "strikethrough"])
@@ -187,15 +187,21 @@ def test_a_fenced_block_holds_exactly_its_content(payload: str) -> None:
 # --------------------------------------------------------------------------- end to end
 
 
-def _structure(comment: str) -> None:
+def _structure(comment: str, *, first: bool = True) -> None:
     """The comment's headings, HTML and links are the templates' own, whatever it quotes."""
     tokens = PARSER.parse(comment)
     headings = [tokens[i + 1].content for i, t in enumerate(tokens) if t.type == "heading_open"]
-    assert headings[0].startswith("cocoonplan: ")
-    assert all(h.startswith(("`", "❌", "⚠️", "Lock changes", "Warnings")) for h in headings[1:]), headings
+    if first:
+        assert headings[0].startswith(("cocoonplan plan: ", "cocoonplan refresh: "))
+    later = headings[1:] if first else headings
+    assert all(h.startswith(("❌", "⚠️", "Actions", "VMs", "Lock changes", "Warnings")) for h in later), (
+        headings
+    )
     for token in tokens:
         if token.type == "html_block":
-            assert token.content.startswith(("<details><summary>", "</details>")), token.content
+            assert token.content.startswith(
+                ("<details><summary>", "</details>", "<!-- cocoonplan-plan part=")
+            ), token.content
         assert token.type != "html_inline"
         for child in token.children or []:
             assert child.type not in ("html_inline", "link_open", "image"), child
@@ -212,6 +218,17 @@ def _hostile(document: dict[str, Any]) -> dict[str, Any]:
     doc = copy.deepcopy(document)
     run = vm_entry(doc, "agent-run")
     run["name"] = "evil\n# Pwned <img src=x onerror=alert(1)>"
+    run["action"], run["action_reason"] = "create", "create_because_absent"
+    run["changes"] = [
+        {
+            "kind": "config",
+            "path": ["config", "x`y"],
+            "op": "add",
+            "before": None,
+            "after": "<b>\n```",
+            "cause": None,
+        }
+    ]
     run["spec_file"] = "specs/x`y.yaml"
     run["disks"][0]["path"] = "/var/lib/cocoon/a|b`c"
     run["notes"] = ["see [link](https://evil.example)\n## heading \x1b[2J"]
@@ -249,26 +266,27 @@ def test_a_crafted_plan_renders_escaped_in_markdown(tmp_path: Path, document: di
         "  `````",
         r"  _see \[here\](https\://evil.example)_",
         "| `ghcr.io/x\\|y:1` | _not locked_ | `sha256:" + "a" * 64 + "` |",
-        r"#### ` ` evil\\n\# Pwned \<img src=x onerror=alert(1)\> on node-a: is up to date (run, running)",
+        "<details><summary><code>+</code> <b>evil\\n# Pwned &lt;img src=x onerror=alert(1)&gt;</b> on node-a "
+        "(run) will be created: the node runs this VM as planned</summary>",
+        "| spec | ``specs/x`y.yaml`` |",
+        '+ config.x`y: "<b>\\n```"',
         "| 0 | `cocoon-layer0` | layer | ro | `ef556a89bd78` | ``/var/lib/cocoon/a\\|b`c`` |",
         r"> see \[link\](https\://evil.example)\\n\#\# heading \\x1b\[2J",
     ]
     for line in expected:
         assert line in lines
-    assert "Spec ``specs/x`y.yaml``; source `ghcr.io/cocoonstack/cocoon/ubuntu:24.04-xface-20260513`" in (
-        shown.stdout
-    )
     assert "\x1b" not in shown.stdout
     _structure(shown.stdout)
 
 
 def test_a_crafted_plan_renders_escaped_for_the_terminal(tmp_path: Path, document: dict[str, Any]) -> None:
     _saved(tmp_path, _hostile(document))
-    shown = run_cli(["show", "plan.json"], tmp_path)
+    shown = run_cli(["show", "plan.json", "-v"], tmp_path)
     assert shown.exit_code == 0, shown.stderr
     lines = shown.stdout.splitlines()
     for line in [
-        r'    vm "evil\n# Pwned <img src=x onerror=alert(1)>" on node-a (run) is up to date',
+        r"+   evil\n# Pwned <img src=x onerror=alert(1)> on node-a (run, specs/x`y.yaml) will be created",
+        r'        + config.x`y: "<b>\n```"',
         "      spec:       specs/x`y.yaml",
         r"      note:       see [link](https://evil.example)\n## heading \x1b[2J",
         r"  ✗ VM agent-run (agent-run.yaml): registry said: \n```\n# Pwned\n![img](https://evil.example/x.png)",
@@ -290,9 +308,9 @@ def test_a_spec_file_name_cannot_leave_its_code_span(tmp_path: Path) -> None:
     quoted = (
         r"````evil\n```\n# Pwned\n<img src=x onerror=alert(1)>\n[click](javascript:alert(1))\n```.yaml````"
     )
-    assert f"Spec {quoted}; source" in result.stdout
+    assert f"| spec | {quoted} |" in result.stdout
     _structure(result.stdout)
-    human = run_cli(["plan", "."], project)
+    human = run_cli(["plan", ".", "-v"], project)
     assert human.exit_code == 0
     assert "      spec:       " + quoted.strip("`") in human.stdout.splitlines()
 
@@ -318,7 +336,7 @@ def test_a_layout_path_in_an_error_cannot_break_the_comment(tmp_path: Path) -> N
 def test_ansi_escapes_in_a_file_name_never_reach_the_terminal(tmp_path: Path) -> None:
     project = copy_examples(tmp_path / "repo")
     (project / "\x1b[31mred\x1b[0m.yaml").write_text(RUN_SPEC.format(name="red"))
-    result = run_cli(["plan", "."], project)
+    result = run_cli(["plan", ".", "-v"], project)
     assert result.exit_code == 0, result.stderr
     assert "      spec:       \\x1b[31mred\\x1b[0m.yaml" in result.stdout.splitlines()
     assert "\x1b" not in result.stdout
@@ -333,12 +351,13 @@ def test_ansi_escapes_in_a_file_name_never_reach_the_terminal(tmp_path: Path) ->
 def test_a_cut_comment_closes_the_fence_it_was_in(document: dict[str, Any]) -> None:
     detail = "\n".join(["```", "# not a heading", "````"] * 2000)
     doc = dict(document, errors=[{"summary": "s", "detail": detail, "hint": "", "vm": None, "file": None}])
-    comment = render_markdown(doc, limit=20_000)
-    assert len(comment) <= 20_000
+    parts = render_markdown_parts(doc, limit=20_000)
+    assert all(len(part) <= 20_000 for part in parts)
+    (comment,) = (part for part in parts if "cut here" in part)
     tokens = PARSER.parse(comment)
     fences = [t for t in tokens if t.type == "fence"]
     assert len(fences) == 1
     assert fences[0].markup == "`````"
     assert "cut here" not in fences[0].content
     assert any("cut here" in t.content for t in tokens if t.type == "inline"), "the note is outside the block"
-    _structure(comment)
+    _structure(comment, first=comment is parts[0])

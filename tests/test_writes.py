@@ -102,7 +102,7 @@ def test_plan_out_ignores_a_planted_temporary_link(project: Path, victim: Path) 
     result = run_cli(["plan", ".", "--out", "plan.json"], project)
     assert result.exit_code == 0, result.output
     assert victim.read_bytes() == PRECIOUS
-    assert json.loads((project / "plan.json").read_text())["format_version"] == 1
+    assert json.loads((project / "plan.json").read_text())["format_version"] == 2
     assert run_cli(["show", "plan.json"], project).exit_code == 0
 
 

@@ -26,7 +26,7 @@ from cocoonplan import __version__
 from cocoonplan.atomic import update_file
 from cocoonplan.context import ProjectContext
 from cocoonplan.document import read_documents
-from cocoonplan.errors import ApplyError, CocoonplanError, SpecError, StateError
+from cocoonplan.errors import ApplyError, CocoonplanError, ProofError, SpecError, StateError
 from cocoonplan.executors.apply import NodeTarget, World, apply_node, check_fresh, record_adoption
 from cocoonplan.executors.blobs import BlobProgress
 from cocoonplan.executors.cocoon import CocoonCLI
@@ -38,19 +38,29 @@ from cocoonplan.oci.registry import DEFAULT_TIMEOUT_SECONDS
 from cocoonplan.oci.sources import open_sources
 from cocoonplan.planner import Action, Plan, make_plan
 from cocoonplan.planner.compile import summarize
-from cocoonplan.planner.model import LockChange, VMPlan
+from cocoonplan.planner.model import BlobKind, LockChange, VMPlan
 from cocoonplan.planner.rules import RULES
 from cocoonplan.planner.steps import CONTENT_STEPS, Step, compile_steps
 from cocoonplan.project import LOCK_FILE, PROJECT_FILE, NodeConfig, Project
+from cocoonplan.proof.boot import prove
+from cocoonplan.proof.host import KERNEL_ROOT_VARIABLE, KvmMode, choose_machine, missing_prerequisites
+from cocoonplan.proof.target import BootTarget, node_target, planned_target
+from cocoonplan.proof.verdict import Verification
 from cocoonplan.releases import CocoonLine, line_of
 from cocoonplan.resolvers.content import Content
 from cocoonplan.resolvers.network import read_default_network
 from cocoonplan.resolvers.node import DEFAULT_ROOT_DIR, read_node_root
 from cocoonplan.resolvers.pins import Pinner
 from cocoonplan.resolvers.release import node_release, read_cocoon_version
-from cocoonplan.resolvers.resolution import node_locations, read_nodes, resolve, state_overrides
+from cocoonplan.resolvers.resolution import (
+    node_locations,
+    read_nodes,
+    resolve,
+    root_directories,
+    state_overrides,
+)
 from cocoonplan.resolvers.snapshot import resolve_snapshot
-from cocoonplan.spec import LoadedSpec
+from cocoonplan.spec import Expectations, LoadedSpec
 from cocoonplan.specfile import check_unique, index_project, load_specs, spec_files
 
 TIMEOUT_VARIABLE = "COCOONPLAN_TIMEOUT"
@@ -194,6 +204,7 @@ def plan(
             locked=locked,
             update_lock=update_lock,
             refresh_only=refresh_only,
+            roots=root_directories(context, locations),
         )
     return make_plan(
         resolution.inputs,
@@ -548,3 +559,97 @@ def apply_target(
                 hint="set the node's cocoonVersion to what it runs, plan again and review",
             )
     return NodeTarget(node, local, RULES[line], state.metadata_engine, cocoon)
+
+
+BOOT_TIMEOUT_SECONDS = 120.0
+"""The default bound of one proof boot: a TCG boot takes 2-3 s; the margin is for a loaded machine."""
+
+
+def verify_boot(
+    paths: Sequence[Path],
+    environment: Environment,
+    *,
+    progress: BlobProgress,
+    kernel_root: Path | None = None,
+    timeout: float = BOOT_TIMEOUT_SECONDS,
+    kvm: KvmMode = KvmMode.AUTO,
+    as_on_node: bool = False,
+    roots: Sequence[str] = (),
+    states: Sequence[str] = (),
+    inventory: bool = False,
+) -> tuple[Verification, ...]:
+    """Cold-boot every VM under ``paths`` in a throwaway QEMU microVM and check its spec's
+    ``expect.files`` and ``expect.absent`` in the root the guest assembles (:mod:`cocoonplan.proof`).
+
+    The disks booted are those the plan lists, or, with ``as_on_node``, those the node's record
+    of the VM holds (read from its root directory, nothing planned). ``kernel_root`` (default
+    ``$COCOONPLAN_KERNEL_ROOT``) is an unpacked linux-image; each boot is bounded by ``timeout``
+    seconds; ``kvm`` says whether KVM is used. ``inventory`` makes each guest list every file of
+    its root as well (:attr:`cocoonplan.proof.console.BootReport.files`). Raises before booting
+    when the machine lacks something or a VM cannot be planned; a VM that boots without its
+    files is a :class:`Verification` that is not ``ok``.
+    """
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise CocoonplanError(
+            f"a boot timeout of {timeout} s is no positive number of seconds",
+            hint=f"give --timeout a number of seconds above 0 (default {BOOT_TIMEOUT_SECONDS:g})",
+        )
+    chosen = kernel_root or environment.env.get(KERNEL_ROOT_VARIABLE)
+    kernel = environment.cwd / chosen if chosen else None
+    missing = missing_prerequisites(kernel)
+    if missing or kernel is None:
+        raise ProofError(
+            "this machine cannot boot a proof guest: it lacks " + "; ".join(missing),
+            hint="each item says how to get it; scripts/test installs all of them",
+        )
+    machine = choose_machine(kvm)
+    context, specs = load_all(paths, environment)
+    expected = {(s.spec.spec.node, s.spec.name): s.spec.spec.expect for s in specs}
+    locations = node_locations(context, environment.cwd, roots, states)
+    local_roots = root_directories(context, locations)
+    if as_on_node:
+        nodes = read_nodes(context, locations)
+        targets = [_on_node(nodes, node, name, expect) for (node, name), expect in sorted(expected.items())]
+        blobs = {}
+    else:
+        planned = plan(paths, environment, roots=roots, states=states)
+        if planned.errors:
+            first = planned.errors[0]
+            raise CocoonplanError(
+                f"VM {first.vm or '?'} cannot be planned, so it cannot be booted: {first.summary}",
+                detail=first.detail,
+                hint=first.hint or "run `cocoonplan plan` to see every error",
+            )
+        vms = [vm for vm in planned.vms if (vm.node, vm.name) in expected]
+        targets = [planned_target(vm, expected[(vm.node, vm.name)]) for vm in vms]
+        blobs = {b.digest: b for vm in vms for b in vm.blobs if b.kind is BlobKind.LAYER}
+    with environment.http() as client, open_sources(context, client, environment.env) as sources:
+        return prove(
+            targets,
+            kernel_root=kernel,
+            machine=machine,
+            timeout=timeout,
+            local_roots=local_roots,
+            blobs=blobs,
+            sources=sources,
+            progress=progress,
+            inventory=inventory,
+        )
+
+
+def _on_node(
+    nodes: Mapping[str, NodeState | None], node: str, name: str, expect: Expectations | None
+) -> BootTarget:
+    state = nodes[node]
+    if state is None:
+        raise StateError(
+            f"--as-on-node: the state of node {node} is not known, so VM {name}'s disks are not either",
+            hint=f"give the node's cocoon root directory: --root {node}=DIR, or its state: in cocoonplan.yaml",
+        )
+    vm = state.vm_named(name)
+    if vm is None:
+        raise StateError(
+            f"--as-on-node: no VM named {name} is on node {node}, so there are no disks of it to boot",
+            hint="verify the planned disks instead (without --as-on-node)",
+        )
+    return node_target(node, vm, state.root_dir, expect)

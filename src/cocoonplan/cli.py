@@ -12,7 +12,10 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated
@@ -21,13 +24,17 @@ import typer
 
 from cocoonplan import __version__, api
 from cocoonplan.atomic import check_target, holds, update_file
+from cocoonplan.comments import write_comments
 from cocoonplan.errors import CocoonplanError
 from cocoonplan.executors.blobs import progress_reporter
 from cocoonplan.gitops import differences, write_tree
 from cocoonplan.planfile import read_plan, write_plan
 from cocoonplan.planner.model import Action, Plan
 from cocoonplan.planner.steps import compile_steps
-from cocoonplan.render import plan_document, render_human, render_json, render_markdown
+from cocoonplan.proof.host import KERNEL_ROOT_VARIABLE, KvmMode
+from cocoonplan.proof.target import DiskSet
+from cocoonplan.proof.verdict import Verification
+from cocoonplan.render import plan_document, render_human, render_json, render_markdown, render_markdown_parts
 from cocoonplan.render.escape import plain, plain_lines
 from cocoonplan.resolvers.node import DEFAULT_ROOT_DIR, encode_state
 from cocoonplan.schemas import generate as generate_schemas
@@ -47,9 +54,38 @@ Paths = Annotated[
     ),
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the versioned JSON plan document.")]
-AsMarkdown = Annotated[bool, typer.Option("--markdown", help="Print a Markdown pull-request comment.")]
+AsMarkdown = Annotated[
+    bool,
+    typer.Option("--markdown", help="Print the Markdown pull-request comment (every part, if it splits)."),
+]
+MarkdownDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--markdown-dir",
+        envvar="COCOONPLAN_MARKDOWN_DIR",
+        help="Write the Markdown comment as DIR/plan-1.md, plan-2.md, … each under 60,000 characters.",
+    ),
+]
+Verbose = Annotated[
+    bool,
+    typer.Option(
+        "--verbose", "-v", envvar="COCOONPLAN_VERBOSE", help="Show every change and each VM's full detail."
+    ),
+]
+NoColor = Annotated[
+    bool,
+    typer.Option("--no-color", help="No colour, even on a terminal (the NO_COLOR variable does the same)."),
+]
 ROOT_VARIABLE = "COCOONPLAN_ROOT"
 _SEVERAL = " Repeatable; the environment variable takes several separated by spaces."
+NodeStates = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--state",
+        envvar="COCOONPLAN_STATE",
+        help="[NODE=]FILE: read the node's state from an exported state document." + _SEVERAL,
+    ),
+]
 NodeRoots = Annotated[
     list[str] | None,
     typer.Option(
@@ -127,14 +163,39 @@ def _fail(exc: CocoonplanError) -> typer.Exit:
     return typer.Exit(1)
 
 
-def _print_plan(plan: Plan, as_json: bool, as_markdown: bool) -> None:
+def _colour(no_color: bool) -> bool:
+    """Colour only on a terminal, unless refused (``--no-color``, https://no-color.org)."""
+    return (
+        not no_color
+        and not os.environ.get("NO_COLOR")
+        and os.environ.get("TERM") != "dumb"
+        and sys.stdout.isatty()
+    )
+
+
+def _human(plan: Plan, *, verbose: bool = False, no_color: bool = False) -> str:
+    return render_human(plan_document(plan), verbose=verbose, color=_colour(no_color))
+
+
+def _print_plan(
+    plan: Plan,
+    as_json: bool,
+    as_markdown: bool,
+    *,
+    verbose: bool = False,
+    no_color: bool = False,
+    markdown_dir: Path | None = None,
+) -> None:
     document = plan_document(plan)
     if as_json:
         sys.stdout.write(render_json(document))
     elif as_markdown:
         sys.stdout.write(render_markdown(document))
     else:
-        sys.stdout.write(render_human(document))
+        sys.stdout.write(render_human(document, verbose=verbose, color=_colour(no_color)))
+    if markdown_dir is not None:
+        for line in write_comments(render_markdown_parts(document), _here(markdown_dir)):
+            _status(plain(line))
 
 
 def _exit_code(plan: Plan, detailed: bool) -> int:
@@ -185,6 +246,9 @@ def plan(
     paths: Paths = None,
     as_json: AsJson = False,
     as_markdown: AsMarkdown = False,
+    markdown_dir: MarkdownDir = None,
+    verbose: Verbose = False,
+    no_color: NoColor = False,
     out: Annotated[Path | None, typer.Option("--out", help="Write the plan document to this file.")] = None,
     detailed_exitcode: Annotated[
         bool,
@@ -213,14 +277,7 @@ def plan(
             help="[NODE=]DIR: read the node's state from this cocoon root directory." + _SEVERAL,
         ),
     ] = None,
-    state: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--state",
-            envvar="COCOONPLAN_STATE",
-            help="[NODE=]FILE: read the node's state from an exported state document." + _SEVERAL,
-        ),
-    ] = None,
+    state: NodeStates = None,
     assume_empty_node: Annotated[
         list[str] | None,
         typer.Option(
@@ -244,7 +301,12 @@ def plan(
         )
     except CocoonplanError as exc:
         raise _fail(exc) from exc
-    _print_plan(result, as_json, as_markdown)
+    try:
+        _print_plan(
+            result, as_json, as_markdown, verbose=verbose, no_color=no_color, markdown_dir=markdown_dir
+        )
+    except CocoonplanError as exc:
+        raise _fail(exc) from exc
     if out is not None and not result.errors:
         try:
             write_plan(result, _here(out))
@@ -258,6 +320,9 @@ def show(
     planfile: Annotated[Path, typer.Argument(help="A plan written by `cocoonplan plan --out`.")],
     as_json: AsJson = False,
     as_markdown: AsMarkdown = False,
+    markdown_dir: MarkdownDir = None,
+    verbose: Verbose = False,
+    no_color: NoColor = False,
     steps: Annotated[
         bool, typer.Option("--steps", help="Print the ordered steps apply would carry out, and nothing else.")
     ] = False,
@@ -272,7 +337,12 @@ def show(
     except CocoonplanError as exc:
         raise _fail(exc) from exc
     if planned is None:
-        _print_plan(saved, as_json, as_markdown)
+        try:
+            _print_plan(
+                saved, as_json, as_markdown, verbose=verbose, no_color=no_color, markdown_dir=markdown_dir
+            )
+        except CocoonplanError as exc:
+            raise _fail(exc) from exc
     elif as_json:
         sys.stdout.write(json.dumps([step.model_dump(mode="json") for step in planned], indent=2) + "\n")
     else:
@@ -413,7 +483,7 @@ def apply(
             chosen = read_plan(_here(paths[0]))
         else:
             chosen = api.plan(paths, environment, roots=root or [])
-            sys.stdout.write(render_human(plan_document(chosen)))
+            sys.stdout.write(_human(chosen))
             if not chosen.has_changes:
                 _status("Nothing to apply.")
                 return
@@ -455,7 +525,7 @@ def import_(
         if not node or not name or "/" in name:
             raise CocoonplanError(f"{address!r} is not NODE/NAME", hint="for example: node-a/legacy-tool")
         adoption = api.plan_import(node, name, spec, environment, root or [])
-        sys.stdout.write(render_human(plan_document(adoption.shown())))
+        sys.stdout.write(_human(adoption.shown()))
         vm = adoption.vm
         if vm.action is Action.REPLACE:
             _status(plain(f"Once imported, `cocoonplan apply` replaces {address}: it differs from {spec}."))
@@ -480,6 +550,118 @@ def force_unlock(
     except CocoonplanError as exc:
         raise _fail(exc) from exc
     _status(plain(f"lease {lease_id} on {node} removed."))
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a CI job's timeout, ``kill``) unwinds like Ctrl-C, so that what the command
+    started (QEMU) and made (temporary files) is cleaned up on the way out."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+_DISK_SETS = {DiskSet.PLANNED: "planned disks", DiskSet.ON_NODE: "the node's disks"}
+
+
+def _print_verification(verification: Verification) -> None:
+    target = verification.target
+    how = (
+        f"{_DISK_SETS[target.disk_set]} ({len(target.layers)} layers), "
+        f"{verification.machine.accelerator} boot in {verification.report.seconds:.1f} s"
+    )
+    if verification.failure is not None:
+        typer.echo(plain(f"{target.label}: FAILED: {how}: {verification.failure}"))
+        tail = verification.report.tail().splitlines()
+        typer.echo(f"  console (last {len(tail)} lines):" if tail else "  console: (nothing)")
+        for line in tail:
+            typer.echo(plain(f"  | {line}"))
+        return
+    typer.echo(plain(f"{target.label}: {'proven' if verification.ok else 'FAILED'}: {how}"))
+    for check in verification.checks:
+        typer.echo(plain(f"  {check.describe()}"))
+    if not verification.checks:
+        typer.echo("  the root assembled; the spec expects no paths (expect.files, expect.absent)")
+
+
+@app.command()
+def verify(
+    paths: Paths = None,
+    boot: Annotated[
+        bool,
+        typer.Option(
+            "--boot",
+            help="Cold-boot each VM's disks in a throwaway QEMU microVM and check its spec's "
+            "expect.files and expect.absent in the root the guest assembles.",
+        ),
+    ] = False,
+    as_on_node: Annotated[
+        bool,
+        typer.Option(
+            "--as-on-node", help="Boot the disks the node's record of each VM holds, not the planned ones."
+        ),
+    ] = False,
+    kernel_root: Annotated[
+        Path | None,
+        typer.Option(
+            "--kernel-root",
+            metavar="DIR",
+            help=f"An unpacked Debian linux-image (scripts/fetch-kernel prints one) [default: ${KERNEL_ROOT_VARIABLE}].",
+        ),
+    ] = None,
+    timeout: Annotated[
+        float, typer.Option("--timeout", metavar="SECONDS", help="The bound of each boot.")
+    ] = api.BOOT_TIMEOUT_SECONDS,
+    kvm: Annotated[
+        KvmMode,
+        typer.Option(
+            "--kvm", help="auto: KVM where it can boot a stock kernel, else TCG; on: KVM or fail; off: TCG."
+        ),
+    ] = KvmMode.AUTO,
+    root: NodeRoots = None,
+    state: NodeStates = None,
+) -> None:
+    """Prove by booting each VM's disks that its root holds what its spec expects; exit 1
+    naming every VM and path that fails."""
+    if not boot:
+        raise _fail(
+            CocoonplanError(
+                "nothing to verify: `verify` proves by boot, give --boot",
+                hint="cocoonplan verify --boot PATH...",
+            )
+        )
+    try:
+        with _terminate_as_interrupt(), progress_reporter(sys.stderr) as progress:
+            results = api.verify_boot(
+                paths or [Path()],
+                _environment(),
+                progress=progress,
+                kernel_root=_here(kernel_root) if kernel_root else None,
+                timeout=timeout,
+                kvm=kvm,
+                as_on_node=as_on_node,
+                roots=root or [],
+                states=state or [],
+            )
+    except CocoonplanError as exc:
+        raise _fail(exc) from exc
+    for verification in results:
+        _print_verification(verification)
+    if results and results[0].machine.note:
+        _status(plain(f"Booted under TCG ({results[0].machine.note})."))
+    failed = [v for v in results if not v.ok]
+    for verification in failed:
+        why = verification.failure or "; ".join(check.describe() for check in verification.findings)
+        _status(plain(f"Boot proof failed: {verification.target.label}: {why}"))
+    if failed:
+        raise typer.Exit(1)
+    _status(f"Proven by boot: {len(results)} VM{'' if len(results) == 1 else 's'}.")
 
 
 @app.command()

@@ -12,9 +12,11 @@
     ├── LockError                    the lock file is missing an entry or out of date (--locked)
     ├── PlanError                    inputs resolved, but they cannot be planned
     │   ├── LayerMismatchError       a snapshot's layer set disagrees with its own records
+    │   ├── FileExpectationError     a file the spec expects is missing from the planned layers (or differs)
     │   └── PlanFormatError          a saved plan file cannot be read
     ├── StateError                   a node's state cannot be read or is inconsistent
-    └── ApplyError                   apply could not carry out a step on a node (convert, record, …)
+    ├── ApplyError                   apply could not carry out a step on a node (convert, record, …)
+    └── ProofError                   a boot proof could not be run (kernel, tools, disk images, QEMU)
 
 Each message says what failed, for which VM, reference, digest or file, and what to do next.
 """
@@ -97,6 +99,11 @@ class LayerMismatchError(PlanError):
     """A snapshot's declared layers disagree with its config, config blob or base image."""
 
 
+class FileExpectationError(PlanError):
+    """A path ``expect.files`` names is missing from the VM's planned layers or differs there,
+    or one ``expect.absent`` names is present."""
+
+
 class PlanFormatError(PlanError):
     """A saved plan file is unreadable or of another format version."""
 
@@ -107,3 +114,8 @@ class StateError(CocoonplanError):
 
 class ApplyError(CocoonplanError):
     """A step of apply failed on the node: nothing under the step's final names was changed."""
+
+
+class ProofError(CocoonplanError):
+    """A boot proof could not be run: no kernel or tool, a disk image that cannot be made, QEMU
+    that does not start. A guest that boots and lacks an expected file is a verdict, not this."""

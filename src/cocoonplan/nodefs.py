@@ -130,18 +130,30 @@ class Tree:
 
         A link, directory or special file, a file over ``cap`` and an unreadable file are errors.
         """
+        with self.open_file(rel) as file:
+            return None if file is None else self._read_capped(file, self._parts(rel), cap)
+
+    @contextmanager
+    def open_file(self, rel: str) -> Iterator[BinaryIO | None]:
+        """The regular file ``rel`` open for reading, closed on exit; None when it (or a
+        directory on the way) is absent. The caller bounds what it reads.
+
+        A link, directory or special file, and a file that cannot be opened, are errors.
+        """
         parts = self._parts(rel)
         with self._directory(parts[:-1]) as parent:
             mode = None if parent is None else self._lstat(parent, parts)
             if parent is None or mode is None:
-                return None
+                yield None
+                return
             self._require_file(parts, mode)
             try:
                 fd = os.open(parts[-1], _FILE, dir_fd=parent)
             except OSError as exc:
                 self._fail(parts, f"cannot be read: {_reason(exc)}")
-            with os.fdopen(fd, "rb") as file:
-                return self._read_capped(file, parts, cap)
+        with os.fdopen(fd, "rb") as file:
+            self._require_file(parts, os.fstat(file.fileno()).st_mode)
+            yield file
 
     def mode(self, rel: str) -> int | None:
         """The ``st_mode`` of ``rel`` itself (a link is not followed); None when absent."""

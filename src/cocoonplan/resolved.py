@@ -6,6 +6,7 @@ and never looks anything up itself. Tags survive only as labels beside their dig
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any
 
 from pydantic import Field
@@ -72,6 +73,62 @@ class ResolvedSnapshot(Model):
     """The base image fetched by the config blob's ``imageDigest`` (never by tag)."""
 
 
+class EntryKind(StrEnum):
+    """What a path is in a layer or a merged root; values are the wire strings."""
+
+    FILE = "file"
+    DIRECTORY = "directory"
+    SYMLINK = "symlink"
+    WHITEOUT = "whiteout"
+    """Hides the path in every lower layer (OCI ``.wh.NAME``; overlay's 0:0 character device)."""
+    OTHER = "other"
+    """A device, FIFO or socket."""
+
+
+class LayerEntry(Model):
+    """One path as a single layer holds it."""
+
+    kind: EntryKind
+    mode: int = Field(default=0, ge=0, le=0o7777)
+    """Permission bits with set-id and sticky bits (no file type)."""
+    opaque: bool = False
+    """Directories: the lower layers' entries below it are hidden (``.wh..wh..opq``)."""
+    target: str | None = None
+    """Symbolic links: the target as written."""
+    sha256: str | None = None
+    """Regular files: the hex sha256 of the content, when it was read."""
+
+
+class LayerFiles(Model):
+    """What a plan learnt of one layer's tree: the paths the file checks looked up in it."""
+
+    digest: Digest
+    entries: dict[str, LayerEntry | None] = Field(default_factory=dict)
+    """By absolute guest path: the layer's entry, or None when the layer holds nothing there."""
+    unreadable: str | None = None
+    """Why the layer's content could not be read (then ``entries`` is empty); None when it was."""
+
+
+class KnownImage(Model):
+    """An image a missing file may be found in: on a node (images.json) or resolved for a spec."""
+
+    ref: str
+    """A label: the reference it was resolved or pulled by."""
+    digest: Digest
+    """Its (platform) manifest digest."""
+    layers: tuple[Digest, ...]
+    """Bottom first."""
+
+
+class FileEvidence(Model):
+    """What the file checks of a plan read, shared by every VM that expects files."""
+
+    layers: dict[str, LayerFiles]
+    """By layer digest."""
+    images: tuple[KnownImage, ...]
+    """Every image known to this plan, by reference: where a missing file is looked for."""
+
+
 class ResolvedVM(Model):
     """Everything one VM spec resolved to: its source, and the expected base if the spec set one."""
 
@@ -86,6 +143,9 @@ class ResolvedVM(Model):
     base_boot: ResolvedImage | None = None
     """Clone mode, when the node lacks the snapshot's kernel or initrd: its base image with
     the layers cocoon would extract them from."""
+    files: FileEvidence | None = None
+    """What the layers hold at the paths ``expect.files``/``expect.absent`` name; None when the
+    spec expects none."""
 
 
 class RunningBase(Model):

@@ -25,7 +25,17 @@ from cocoonplan.executors.snapshots import write_import_tar
 from cocoonplan.model import Mode
 from cocoonplan.nodefs import Cap, Tree
 from cocoonplan.observed import OWNERSHIP_FILE, NodeState, Owner
-from cocoonplan.planner.model import Action, BlobKind, Change, Plan, PlannedBlob, VMPlan
+from cocoonplan.planner.model import (
+    Action,
+    BlobKind,
+    Change,
+    ChangeKind,
+    ChangeOp,
+    Plan,
+    PlannedBlob,
+    VMPlan,
+    dotted,
+)
 from cocoonplan.planner.rules import Rules
 from cocoonplan.planner.steps import Step, StepKind
 
@@ -297,11 +307,22 @@ def check_fresh(plan: Plan, node: str, state: NodeState, targets: Sequence[str])
         )
 
 
+def _file_of(value: Any) -> Any:
+    """A disk's path, or a config value as it is."""
+    return value.get("path", value) if isinstance(value, dict) else value
+
+
 def _difference(change: Change) -> str:
-    # A disk path is what cocoon substituted in #46: say which file runs and which was planned.
-    if change.path.endswith(".path") and change.before is not None and change.after is not None:
-        return f"{change.path} is {change.before}, planned {change.after}"
-    return change.path
+    where = dotted(change.path)
+    # A disk's file is what cocoon substituted in #46: say which file runs and which was planned.
+    before, after = _file_of(change.before), _file_of(change.after)
+    if change.op is ChangeOp.ADD:
+        return f"{where} is missing (planned {after})"
+    if change.op is ChangeOp.REMOVE:
+        return f"{where} is there ({before}) and not planned"
+    if before != after and (change.kind is ChangeKind.DISK or change.path[-1] == "path"):
+        return f"{where} is {before}, planned {after}"
+    return where
 
 
 def prove(plan: Plan, node: str, replanned: Plan) -> None:
@@ -313,7 +334,9 @@ def prove(plan: Plan, node: str, replanned: Plan) -> None:
         if vm.node != node or vm.name not in touched:
             continue
         if vm.action is not Action.NO_OP or vm.drift:
-            fields = [_difference(c) for c in vm.changes] + [f"drift {d.path}: {d.message}" for d in vm.drift]
+            fields = [_difference(c) for c in vm.changes] + [
+                f"drift {dotted(d.path)}: {d.message}" for d in vm.drift
+            ]
             problems.append(f"{vm.name} ({vm.action}): {', '.join(fields) or vm.reason}")
     problems += [f"{e.vm}: {e.summary}" for e in replanned.errors if e.vm in touched]
     if problems:

@@ -10,17 +10,21 @@ from cocoonplan.model import Mode, Model
 from cocoonplan.observed import ObservedVM
 from cocoonplan.planner.clone import clone_nic_count, plan_clone
 from cocoonplan.planner.diff import diff_vm, observed_disk, replace_paths
-from cocoonplan.planner.drift import drift_of
+from cocoonplan.planner.drift import drift_of, file_drift_of
+from cocoonplan.planner.files import file_drift, planned_files
 from cocoonplan.planner.hypervisor import record_launch
 from cocoonplan.planner.identity import Identity, fresh_identity, kept_identity
 from cocoonplan.planner.model import (
     Action,
     ActionReason,
+    Change,
     ConfigOrigin,
     DesiredVM,
     Diagnostic,
     Drift,
+    DriftKind,
     LockChange,
+    NodeDrift,
     Plan,
     PlannedNic,
     PlannedNode,
@@ -60,7 +64,9 @@ def compile_vm(item: PlanInput, identity: Identity, view: NodeView) -> DesiredVM
     else:
         assert resolved.image is not None  # a spec names exactly one of snapshot or image
         planned = plan_run(item.loaded, resolved.image, target, identity, resolved.present_blobs)
-    return mark_host_chosen(planned, rules)
+    # After the layers are settled: a snapshot that disagrees with itself is the first error.
+    files = planned_files(item.loaded, resolved)
+    return mark_host_chosen(planned.model_copy(update={"files": files}), rules)
 
 
 def fresh_vm(item: PlanInput, view: NodeView) -> DesiredVM:
@@ -106,7 +112,7 @@ _RESOURCES = frozenset({"cpu", "memory", "storage", "nics", "network"})
 def replace_reason(paths: Sequence[str], drift: Sequence[Drift]) -> ActionReason:
     """The cause of a replace, most telling first: layers the VM should not run on, then a new
     source, then resources, then anything else of its configuration."""
-    if any(d.path.startswith("disks[") for d in drift):
+    if any(d.kind is DriftKind.LAYER for d in drift):
         return ActionReason.REPLACE_BECAUSE_LAYERS_DRIFTED
     if "source" in paths:
         return ActionReason.REPLACE_BECAUSE_SOURCE_CHANGED
@@ -115,18 +121,25 @@ def replace_reason(paths: Sequence[str], drift: Sequence[Drift]) -> ActionReason
     return ActionReason.REPLACE_BECAUSE_CONFIG_CHANGED
 
 
-def replace_sentence(why: ActionReason, paths: Sequence[str]) -> str:
+def _said(change: Change) -> str:
+    """``cpu 2 → 4`` for a setting, else the field's name."""
+    name = str(change.path[0])
+    if len(change.path) == 1 and isinstance(change.after, int | str) and isinstance(change.before, int | str):
+        return f"{name} {change.before} → {change.after}"
+    return name
+
+
+def replace_sentence(why: ActionReason, changes: Sequence[Change]) -> str:
     """The replace's cause in words; cocoon has no way to change a VM in place."""
-    fields = f"{', '.join(paths)} {'differs' if len(paths) == 1 else 'differ'}"
-    cause = _CAUSES.get(why)
-    said = f"{cause} ({fields})" if cause else f"{fields} on the node"
-    return f"{said}, and cocoon cannot change a VM in place"
-
-
-_CAUSES = {
-    ActionReason.REPLACE_BECAUSE_LAYERS_DRIFTED: "the VM runs on layers that are not its source's",
-    ActionReason.REPLACE_BECAUSE_SOURCE_CHANGED: "its source is another digest now",
-}
+    standing = [c for c in changes if c.cause is None]
+    if why is ActionReason.REPLACE_BECAUSE_LAYERS_DRIFTED:
+        cause = "it runs on layers that are not its source's (see its drift)"
+    elif why is ActionReason.REPLACE_BECAUSE_SOURCE_CHANGED:
+        cause = "its source is another digest now"
+    else:
+        named = list(dict.fromkeys(_said(c) for c in standing))
+        cause = f"{', '.join(named[:4])}{', …' if len(named) > 4 else ''} {'differ' if len(named) > 1 else 'differs'}"
+    return f"{cause}, and cocoon cannot change a VM in place"
 
 
 def destroyed(vm: ObservedVM) -> tuple[str, ...]:
@@ -183,28 +196,34 @@ def plan_vm(item: PlanInput, view: NodeView) -> VMPlan:
             fetch_bytes=_fetch_bytes(desired),
         )
     kept = compile_vm(item, kept_identity(running, nic_count(item)), view)
-    changes = diff_vm(kept, running)
+    node_launch = record_launch(running, view.settings, rules_for(view))
+    changes = diff_vm(kept, running, node_launch)
     drift = drift_of(running, view)
     observed = {
         "observed_id": running.id,
         "observed_state": running.state,
         "observed_fingerprint": running.fingerprint(),
-        "drift": drift,
+        "drift": drift + file_drift_of(file_drift(item.loaded, item.resolved, running)),
     }
     if changes:
         paths = replace_paths(changes)
         desired = fresh_vm(item, view)
         # Which fields differ is decided with the identity held (a new ID is no difference of
         # its own); what they become is what the replacement will have.
-        planned = {change.path: change for change in diff_vm(desired, running)}
+        planned = {change.path: change for change in diff_vm(desired, running, node_launch)}
         return VMPlan(
             **desired.model_dump(),
             action=Action.REPLACE,
             action_reason=(why := replace_reason(paths, drift)),
-            reason=replace_sentence(why, paths),
+            reason=replace_sentence(why, changes),
             destroys=destroyed(running),
             replace_paths=paths,
-            changes=tuple(planned.get(change.path, change) for change in changes),
+            changes=tuple(
+                planned[change.path].model_copy(update={"cause": change.cause})
+                if change.path in planned
+                else change
+                for change in changes
+            ),
             fetch_bytes=_fetch_bytes(desired),
             **observed,
         )
@@ -465,6 +484,7 @@ def make_plan(
             for view in sorted(nodes.values(), key=lambda view: view.name)
         ),
         vms=tuple(vms),
+        drift=tuple(NodeDrift(**d.model_dump(), vm=vm.name, node=vm.node) for vm in vms for d in vm.drift),
         lock_changes=tuple(sorted(lock_changes, key=lambda c: c.ref)),
         errors=tuple(diagnostics),
         warnings=tuple(notes),

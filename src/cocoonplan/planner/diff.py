@@ -1,20 +1,36 @@
-"""The diff: a desired VM against the VM of the same name on the node, field by field.
+"""The diff: a desired VM against the VM of the same name on the node, as typed changes.
 
 cocoon v0.3.8 cannot change a VM's disks, CPUs, memory or configuration in place (it has
-no ``vm update``), so any difference replaces the VM; the changed paths say why.
+no ``vm update``), so any difference replaces the VM. Disks are paired by serial, never by
+index, so a disk that moved is a move and a layer inserted below it an insertion; the
+command line and the launch arguments are compared token by token. Which change follows
+from which is decided afterwards, by :mod:`cocoonplan.planner.consequences`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from deepdiff import DeepDiff
 from deepdiff.helper import notpresent
 
 from cocoonplan.cocoon import DiskRole, StorageConfig, layer_hex
+from cocoonplan.model import Mode
 from cocoonplan.observed import ObservedVM, comparable_config
-from cocoonplan.planner.model import BlobKind, Change, ConfigOrigin, DesiredVM, PlannedDisk
+from cocoonplan.planner.consequences import attribute
+from cocoonplan.planner.model import (
+    BlobKind,
+    Change,
+    ChangeKind,
+    ChangeOp,
+    ChangePath,
+    ConfigOrigin,
+    DesiredVM,
+    PlannedDisk,
+)
 from cocoonplan.planner.parts import planned_disk
+from cocoonplan.planner.tokens import cmdline_tokens, launch_tokens, token_differences
 
 
 def observed_disk(index: int, config: StorageConfig) -> PlannedDisk:
@@ -24,44 +40,57 @@ def observed_disk(index: int, config: StorageConfig) -> PlannedDisk:
 
 
 def _disk_view(disk: PlannedDisk) -> dict[str, Any]:
-    view = disk.model_dump(mode="json", exclude={"index", "size"})
+    view = disk.model_dump(mode="json", exclude={"size"})
     if disk.role is not DiskRole.LAYER:
         # The node does not record which snapshot file a COW or data disk came from.
         view.pop("digest")
     return view
 
 
-def _path(parts: list[str | int]) -> str:
-    text = ""
-    for part in parts:
-        text += f"[{part}]" if isinstance(part, int) else f".{part}"
-    return text
-
-
-def config_changes(before: dict[str, Any], after: dict[str, Any]) -> list[Change]:
-    """config.json leaf by leaf (``config.disks[2].path``), in document order of the paths."""
-    diff = DeepDiff(before, after, ignore_order=False, verbose_level=2)
-    found: list[tuple[tuple[tuple[int, int | str], ...], Change]] = []
-    for levels in diff.tree.values():
-        for level in levels:
-            parts = level.path(output_format="list")
-            old = None if level.t1 is notpresent else level.t1
-            new = None if level.t2 is notpresent else level.t2
-            # Sort as the document reads: disks[2] before disks[10].
-            key = tuple((0, p) if isinstance(p, int) else (1, str(p)) for p in parts)
-            found.append((key, Change(path="config" + _path(parts), before=old, after=new)))
-    return [change for _, change in sorted(found, key=lambda item: item[0])]
+def _change(
+    kind: ChangeKind, path: ChangePath, before: Any, after: Any, op: ChangeOp | None = None
+) -> Change:
+    if op is None:
+        op = (
+            ChangeOp.ADD
+            if before is notpresent
+            else ChangeOp.REMOVE
+            if after is notpresent
+            else ChangeOp.UPDATE
+        )
+    return Change(
+        kind=kind,
+        path=path,
+        op=op,
+        before=None if before is notpresent else before,
+        after=None if after is notpresent else after,
+    )
 
 
 def disk_changes(desired: DesiredVM, vm: ObservedVM) -> list[Change]:
-    """Disks per index: changed, added (``before`` None) or removed (``after`` None)."""
-    have = [observed_disk(i, c) for i, c in enumerate(vm.storage_configs)]
+    """Disks paired by serial, in the plan's order: added, updated, moved (to another index),
+    then those removed. A serial the node holds twice pairs its first disk only."""
+    have: dict[str, PlannedDisk] = {}
+    spare: list[PlannedDisk] = []
+    for index, config in enumerate(vm.storage_configs):
+        disk = observed_disk(index, config)
+        if disk.serial in have:
+            spare.append(disk)
+        else:
+            have[disk.serial] = disk
     changes = []
-    for index in range(max(len(have), len(desired.disks))):
-        old = _disk_view(have[index]) if index < len(have) else None
-        new = _disk_view(desired.disks[index]) if index < len(desired.disks) else None
-        if old != new:
-            changes.append(Change(path=f"disks[{index}]", before=old, after=new))
+    for disk in desired.disks:
+        old = have.pop(disk.serial, None)
+        if old is None:
+            changes.append(_change(ChangeKind.DISK, ("disks", disk.serial), notpresent, _disk_view(disk)))
+            continue
+        before, after = _disk_view(old), _disk_view(disk)
+        if before != after:
+            op = ChangeOp.MOVE if old.index != disk.index else ChangeOp.UPDATE
+            changes.append(_change(ChangeKind.DISK, ("disks", disk.serial), before, after, op))
+    removed: list[tuple[ChangePath, PlannedDisk]] = [(("disks", old.serial), old) for old in have.values()]
+    removed += [(("disks", old.index), old) for old in spare]  # by index: its serial is taken
+    changes += [_change(ChangeKind.DISK, path, _disk_view(old), notpresent) for path, old in removed]
     return changes
 
 
@@ -70,56 +99,141 @@ def blob_changes(desired: DesiredVM, vm: ObservedVM) -> list[Change]:
     have = {f"sha256:{h}" for c in vm.storage_configs if c.role is DiskRole.LAYER and (h := layer_hex(c))}
     want = {b.digest: b for b in desired.blobs if b.kind is BlobKind.LAYER}
     gained = [
-        Change(path=f"blobs[{d}]", before=None, after={"size": want[d].size, "present": want[d].present})
+        _change(ChangeKind.BLOB, ("blobs", d), notpresent, {"size": want[d].size, "present": want[d].present})
         for d in sorted(want.keys() - have)
     ]
     lost = [
-        Change(path=f"blobs[{d}]", before={"in_use": True}, after=None) for d in sorted(have - want.keys())
+        _change(ChangeKind.BLOB, ("blobs", d), {"in_use": True}, notpresent)
+        for d in sorted(have - want.keys())
     ]
     return gained + lost
 
 
-def diff_vm(desired: DesiredVM, vm: ObservedVM) -> tuple[Change, ...]:
+def _serials(config: dict[str, Any]) -> list[str] | None:
+    """The serials of ``config``'s disks, when every disk has a distinct one."""
+    disks = config.get("disks")
+    if not isinstance(disks, list) or not all(isinstance(d, dict) for d in disks):
+        return None
+    serials = [d.get("serial") for d in disks]
+    if not all(isinstance(s, str) for s in serials) or len(set(serials)) != len(serials):
+        return None
+    return [str(s) for s in serials]
+
+
+def _by_serial(before: dict[str, Any], after: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Both configs with their ``disks`` keyed by serial, so that the config's disks pair as
+    the plan's disks do; both as they are when either cannot be keyed."""
+    old, new = _serials(before), _serials(after)
+    if old is None or new is None:
+        return before, after
+    return (
+        {**before, "disks": dict(zip(old, before["disks"], strict=True))},
+        {**after, "disks": dict(zip(new, after["disks"], strict=True))},
+    )
+
+
+def config_changes(before: dict[str, Any], after: dict[str, Any]) -> list[Change]:
+    """config.json leaf by leaf (``["config", "disks", "cocoon-cow", "path"]``), in document
+    order, disks in the plan's order."""
+    old, new = _by_serial(before, after)
+    keyed = [side["disks"] for side in (new, old) if isinstance(side.get("disks"), dict)]
+    order = {serial: i for i, serial in enumerate(serial for disks in keyed for serial in disks)}
+    diff = DeepDiff(old, new, ignore_order=False, verbose_level=2)
+    found: list[tuple[tuple[tuple[int, int | str], ...], Change]] = []
+    for levels in diff.tree.values():
+        for level in levels:
+            parts = tuple(level.path(output_format="list"))
+            key = tuple(
+                (0, order.get(p, 0))
+                if i == 1 and parts[0] == "disks"
+                else (0, p)
+                if isinstance(p, int)
+                else (1, str(p))
+                for i, p in enumerate(parts)
+            )
+            found.append((key, _change(ChangeKind.CONFIG, ("config", *parts), level.t1, level.t2)))
+    return [change for _, change in sorted(found, key=lambda item: item[0])]
+
+
+def _token_changes(kind: ChangeKind, differences: Sequence[tuple[ChangePath, str, Any, Any]]) -> list[Change]:
+    return [
+        Change(kind=kind, path=(kind.value, *path), op=ChangeOp(op), before=before, after=after)
+        for path, op, before, after in differences
+    ]
+
+
+def cmdline_changes(before: str | None, after: str) -> list[Change]:
+    """The kernel command line parameter by parameter."""
+    if before is None:
+        return [Change(kind=ChangeKind.CMDLINE, path=("cmdline",), op=ChangeOp.ADD, after=after)]
+    return _token_changes(
+        ChangeKind.CMDLINE, token_differences(cmdline_tokens(before), cmdline_tokens(after))
+    )
+
+
+def launch_changes(before: Sequence[str] | None, after: Sequence[str]) -> list[Change]:
+    """The launch arguments option by option; nothing when the node's form is not known."""
+    if before is None:
+        return []
+    return _token_changes(ChangeKind.LAUNCH, token_differences(launch_tokens(before), launch_tokens(after)))
+
+
+def _field_changes(desired: DesiredVM, vm: ObservedVM) -> list[Change]:
+    changes: list[Change] = []
+    after_source = desired.source.digest if desired.source else None
+    if vm.owner is not None and vm.owner.source != after_source:
+        changes.append(_change(ChangeKind.SOURCE, ("source", "digest"), vm.owner.source, after_source))
+    if vm.mode is not desired.mode:
+        changes.append(_change(ChangeKind.MODE, ("mode",), vm.mode.value, desired.mode.value))
+    settings = vm.settings
+    compared: list[tuple[ChangeKind, str, int | str, int | str]] = [
+        (ChangeKind.RESOURCES, "cpu", settings.cpu, desired.cpu),
+        (ChangeKind.RESOURCES, "memory", settings.memory, desired.memory),
+        (ChangeKind.RESOURCES, "storage", settings.storage, desired.storage),
+        (ChangeKind.RESOURCES, "nics", len(vm.nics), desired.nics),
+    ]
+    # An empty network is the node's default, which is not known here: whatever network
+    # cocoon recorded may be it, so it is no evidence of a difference.
+    if desired.network:
+        compared.append((ChangeKind.NETWORK, "network", settings.network, desired.network))
+    return changes + [_change(kind, (field,), old, new) for kind, field, old, new in compared if old != new]
+
+
+def diff_vm(
+    desired: DesiredVM, vm: ObservedVM, node_launch: Sequence[str] | None = None
+) -> tuple[Change, ...]:
     """Every difference between the VM on the node and the desired VM; empty when they agree.
 
     Only what cocoon keeps across a VM's life is compared: its record and, for a clone, the
     ``config.json`` cocoon wrote. The power state is not a difference (start and stop change
     it), and neither are runtime files, which cocoon deletes on stop and rewrites on start
-    (their drift is reported by :mod:`cocoonplan.planner.drift`).
+    (their drift is reported by :mod:`cocoonplan.planner.drift`). ``node_launch`` is the
+    launch cocoon would cold-boot the node's VM with from its record: a fresh run's launch
+    differences are shown, as consequences of the others, but are never a cause of their own.
     """
-    changes: list[Change] = []
-    after_source = desired.source.digest if desired.source else None
-    if vm.owner is not None and vm.owner.source != after_source:
-        changes.append(Change(path="source.digest", before=vm.owner.source, after=after_source))
-    if vm.mode is not desired.mode:
-        changes.append(Change(path="mode", before=vm.mode.value, after=desired.mode.value))
-    settings = vm.settings
-    compared: list[tuple[str, int | str, int | str]] = [
-        ("cpu", settings.cpu, desired.cpu),
-        ("memory", settings.memory, desired.memory),
-        ("storage", settings.storage, desired.storage),
-        ("nics", len(vm.nics), desired.nics),
-    ]
-    # An empty network is the node's default, which is not known here: whatever network
-    # cocoon recorded may be it, so it is no evidence of a difference.
-    if desired.network:
-        compared.append(("network", settings.network, desired.network))
-    changes += [Change(path=field, before=old, after=new) for field, old, new in compared if old != new]
-    changes += disk_changes(desired, vm)
-    changes += blob_changes(desired, vm)
+    changes = _field_changes(desired, vm) + disk_changes(desired, vm) + blob_changes(desired, vm)
     if desired.config_origin is ConfigOrigin.WRITTEN:
         if vm.runtime_config is not None:
             # The node's copy is read as the VmConfig keys, credentials redacted: compare the
             # plan's the same way, or a key outside them would look changed on every plan.
             changes += config_changes(vm.runtime_config, comparable_config(desired.config))
         else:
-            changes.append(Change(path="config", before=None, after="(the snapshot's config.json, patched)"))
+            changes.append(
+                Change(
+                    kind=ChangeKind.CONFIG,
+                    path=("config",),
+                    op=ChangeOp.ADD,
+                    after="(the snapshot's config.json, patched)",
+                )
+            )
     recorded = vm.boot_config.cmdline if vm.boot_config else None
     if recorded != desired.cmdline:
-        changes.append(Change(path="cmdline", before=recorded, after=desired.cmdline))
-    return tuple(changes)
+        changes += cmdline_changes(recorded, desired.cmdline)
+    if changes and desired.mode is Mode.RUN:
+        changes += launch_changes(node_launch, desired.launch)
+    return attribute(changes)
 
 
-def replace_paths(changes: tuple[Change, ...]) -> tuple[str, ...]:
-    """The top-level fields that force the replace (``disks``, ``config``, ``cpu``, …)."""
-    return tuple(sorted({c.path.split(".")[0].split("[")[0] for c in changes}))
+def replace_paths(changes: Sequence[Change]) -> tuple[str, ...]:
+    """The top-level fields of the changes that stand on their own (``disks``, ``cpu``, …)."""
+    return tuple(sorted({str(c.path[0]) for c in changes if c.cause is None}))

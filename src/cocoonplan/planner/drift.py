@@ -16,8 +16,9 @@ from cocoonplan.cocoon import DiskRole, layer_hex
 from cocoonplan.model import Mode, hex_to_digest, short_digest
 from cocoonplan.observed import ObservedImage, ObservedVM
 from cocoonplan.planner.hypervisor import record_launch, restore_launch_command
-from cocoonplan.planner.model import Drift
+from cocoonplan.planner.model import Change, ChangeKind, ChangeOp, Drift, DriftKind, FileCheck
 from cocoonplan.planner.rules import RULES, Rules, rules_for
+from cocoonplan.planner.tokens import launch_tokens, token_differences
 from cocoonplan.project import NodeConfig
 from cocoonplan.resolved import NodeView, RunningBase
 
@@ -44,7 +45,8 @@ def layer_drift(vm: ObservedVM, base: RunningBase, images: Sequence[ObservedImag
             )
         drift.append(
             Drift(
-                path=f"disks[{index}]",
+                kind=DriftKind.LAYER,
+                path=("disks", index),
                 expected=hex_to_digest(want),
                 found=hex_to_digest(have),
                 found_in=owners,
@@ -93,13 +95,24 @@ def launch_drift(vm: ObservedVM, node: NodeConfig, rules: Rules) -> list[Drift]:
         or found in (_comparable(" ".join(f), rules) for f in forms)
     ):
         return []
+    # Say which options differ from the nearest form, not two 4,000-character lines.
+    tokens = launch_tokens(found.split())
+    nearest = min(
+        (token_differences(launch_tokens(_comparable(" ".join(f), rules).split()), tokens) for f in forms),
+        key=len,
+    )
     return [
         Drift(
-            path="launch",
+            kind=DriftKind.LAUNCH,
+            path=("launch",),
             expected=[" ".join(f) for f in forms],
             found=vm.launch,
             message="the VM runs with arguments cocoon would not start it with from its record "
             "(neither a cold boot nor a restore)",
+            changes=tuple(
+                Change(kind=ChangeKind.LAUNCH, path=("launch", *path), op=ChangeOp(op), before=old, after=new)
+                for path, op, old, new in nearest
+            ),
         )
     ]
 
@@ -117,7 +130,8 @@ def applied_drift(vm: ObservedVM) -> list[Drift]:
     ]
     return [
         Drift(
-            path=path,
+            kind=DriftKind.APPLIED,
+            path=(path,),
             expected=applied,
             found=found,
             message=f"the {path} on the node is not the one cocoonplan applied",
@@ -125,6 +139,22 @@ def applied_drift(vm: ObservedVM) -> list[Drift]:
         for path, applied, found, comparable in checks
         if applied is not None and comparable and found != applied
     ]
+
+
+def file_drift_of(checks: Sequence[FileCheck]) -> tuple[Drift, ...]:
+    """Failed file expectations on the node's layers, as drift entries (each keeps its check)."""
+    return tuple(
+        Drift(
+            kind=DriftKind.FILE,
+            path=("files", check.path),
+            expected=check.expect.value,
+            found="present" if check.found else "absent",
+            found_in=tuple(f"{source.image} layer {source.layer}" for source in check.provided_by),
+            message=check.message or f"{check.path}: expected {check.expect.value}",
+            file=check,
+        )
+        for check in checks
+    )
 
 
 def drift_of(vm: ObservedVM, view: NodeView) -> tuple[Drift, ...]:

@@ -17,10 +17,12 @@ from cocoonplan.model import Digest, Mode, Model, canonical_json, sha256_digest
 from cocoonplan.observed import NicAddress
 from cocoonplan.project import HypervisorBuild
 from cocoonplan.releases import CocoonVersion
-from cocoonplan.resolved import PinnedRef
+from cocoonplan.resolved import EntryKind, PinnedRef
 from cocoonplan.spec import PowerState, RestoreMode
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Bumped when a field is removed, renamed or changes type or meaning; a field added keeps it
+(readers ignore what they do not know). 2: typed ``changes[]`` and ``drift[]``."""
 
 
 class Action(StrEnum):
@@ -180,6 +182,65 @@ class LocalSnapshot(Model):
     name: str
 
 
+class FileExpect(StrEnum):
+    """What a spec expects of a path in the VM's root filesystem; values are the wire strings."""
+
+    PRESENT = "present"
+    """``expect.files``: the path resolves (symbolic links followed) to something."""
+    ABSENT = "absent"
+    """``expect.absent``: nothing is at the path (a final symbolic link is not followed)."""
+
+
+class FileVerdict(StrEnum):
+    """How a file expectation fared; values are the wire strings."""
+
+    HOLDS = "holds"
+    FAILS = "fails"
+    UNKNOWN = "unknown"
+    """A layer the answer depends on could not be read, or a content hash was not computed."""
+
+
+class FileSource(Model):
+    """A layer that provides a path in the merged root of an image."""
+
+    image: str
+    """The image's reference (a label)."""
+    digest: Digest
+    """The image's manifest digest."""
+    layer: int
+    """Index of the layer, bottom first (``cocoon-layer<N>``)."""
+    layer_digest: Digest
+
+
+class FileCheck(Model):
+    """One ``expect.files``/``expect.absent`` entry checked against a stack of layers merged top
+    down as overlayfs merges them (whiteouts, opaque directories, symbolic links)."""
+
+    path: str
+    expect: FileExpect
+    sha256: str | None = None
+    """The content hash the spec expects."""
+    mode: str | None = None
+    """The permission bits the spec expects, in octal."""
+    verdict: FileVerdict
+    found: bool | None
+    """Whether the merged root holds the path; None when that is not known."""
+    kind: EntryKind | None = None
+    """What the path is (what it resolves to, for ``present``)."""
+    resolved: str | None = None
+    """The path it resolves to through symbolic links, when that differs from ``path``."""
+    layer: int | None = None
+    """Index of the layer providing it, bottom first (``cocoon-layer<N>``)."""
+    layer_digest: Digest | None = None
+    found_mode: str | None = None
+    found_sha256: str | None = None
+    """Regular files: the content's sha256, when this check asks for one and the layer's content was read."""
+    provided_by: tuple[FileSource, ...] = ()
+    """For a path missing here: the layers of other known images that provide it."""
+    message: str
+    """The finding in words. For display only."""
+
+
 class DesiredVM(Model):
     """What a spec compiles to: the VM as it must run, before it is compared with the node."""
 
@@ -229,32 +290,115 @@ class DesiredVM(Model):
     paths and everything derived from them): shown as cocoonplan expects them, bound after apply."""
     notes: tuple[str, ...] = ()
     """What a reviewer must know about this VM's plan. For display only."""
+    files: tuple[FileCheck, ...] = Field(default=(), exclude_if=lambda checks: not checks)
+    """``expect.files`` and ``expect.absent`` checked against the planned layers, in spec order;
+    left out of the document for a VM that expects none, so its plan and digest stay as they were."""
+
+
+class ChangeKind(StrEnum):
+    """The resource area a change is in; values are the wire strings."""
+
+    SOURCE = "source"
+    """The snapshot (clone) or image (run) digest."""
+    MODE = "mode"
+    RESOURCES = "resources"
+    """``cpu``, ``memory``, ``storage``, ``nics``."""
+    NETWORK = "network"
+    DISK = "disk"
+    """A disk, named by its serial: ``["disks", "cocoon-layer2"]``."""
+    BLOB = "blob"
+    """A layer blob the VM gains or loses: ``["blobs", "sha256:…"]``."""
+    CONFIG = "config"
+    """A field of ``config.json``; its ``disks`` list is keyed by serial, as disks are."""
+    CMDLINE = "cmdline"
+    """A kernel command-line parameter: ``["cmdline", "cocoon.layers"]``."""
+    LAUNCH = "launch"
+    """An option of the ``cloud-hypervisor`` arguments: ``["launch", "--disk", "cocoon-cow", "num_queues"]``."""
+
+
+class ChangeOp(StrEnum):
+    """What happens at a change's path; values are the wire strings."""
+
+    ADD = "add"
+    """New: ``before`` is meaningless (null)."""
+    REMOVE = "remove"
+    """Goes away: ``after`` is meaningless (null)."""
+    UPDATE = "update"
+    """Changes value (null is a value here)."""
+    MOVE = "move"
+    """A disk at another index (``before.index`` → ``after.index``), whatever else changed."""
+
+
+PathPart = str | int
+ChangePath = tuple[PathPart, ...]
+
+
+def dotted(path: ChangePath) -> str:
+    """A path as people read it: ``("config", "net", 0, "id")`` → ``config.net[0].id``."""
+    text = str(path[0]) if path else ""
+    for part in path[1:]:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return text
 
 
 class Change(Model):
-    """One field that differs between the node and the plan."""
+    """One difference between the node and the plan, typed."""
 
-    path: str
-    """Where: ``source.digest``, ``cpu``, ``disks[2]``, ``config.disks[2].path``, ``cmdline``, …"""
+    kind: ChangeKind
+    path: ChangePath
+    """Where, as a tuple: ``["cpu"]``, ``["disks", "cocoon-cow"]``, ``["config", "disks", "db", "path"]``."""
+    op: ChangeOp
     before: Any = None
-    """The node's value; None when the field is new."""
+    """The node's value (not for ``add``)."""
     after: Any = None
-    """The planned value; None when the field goes away."""
+    """The planned value (not for ``remove``)."""
+    cause: ChangePath | None = None
+    """The ``path`` of the change this one follows from (a layer swap owns its blob and
+    ``config.json`` lines; ``cpu`` owns each disk's ``num_queues``); None for a change that
+    stands on its own. Renders show only the latter unless asked for everything."""
+
+
+class DriftKind(StrEnum):
+    """What kind of drift; values are the wire strings."""
+
+    LAYER = "layer"
+    """A layer the VM runs on is not its source's, or one is missing (the founding bug)."""
+    LAUNCH = "launch"
+    """The running VMM's arguments are none cocoon would start it with."""
+    APPLIED = "applied"
+    """A file differs from what cocoonplan applied (``config.json``, ``cmdline``)."""
+    FILE = "file"
+    """A path the spec expects (``expect.files``/``expect.absent``) fails on the layers the VM
+    on the node really has."""
 
 
 class Drift(Model):
     """Something on the node that differs from what it should be running, whatever the spec says."""
 
-    path: str
-    """``disks[2]`` (a layer), ``config.json``, ``launch`` or ``cmdline``."""
+    kind: DriftKind
+    path: ChangePath
+    """``["disks", 2]`` (a layer by index), ``["launch"]``, ``["config.json"]``, ``["cmdline"]``
+    or ``["files", "/usr/local/bin/agent.sh"]``."""
     expected: Any
     """What the VM's snapshot or image (or what cocoonplan applied) says should be there; None if nothing."""
     found: Any
     """What the node has; None when it is missing."""
     found_in: tuple[str, ...] = ()
-    """For an alien layer: every image on the node (images.json) that contains it."""
+    """For an alien layer: every image on the node (images.json) that contains it; for a
+    missing file: each image layer that provides it (``<image> layer <N>``)."""
     message: str
     """The finding in words. For display only."""
+    changes: tuple[Change, ...] = ()
+    """Launch drift: the options that differ from the nearest form cocoon would start it with."""
+    file: FileCheck | None = None
+    """File drift: the check as it fared on the node's layers."""
+
+
+class NodeDrift(Drift):
+    """A VM's drift in the plan's top-level ``drift[]``: every drifted VM in one place."""
+
+    vm: str
+    node: str
 
 
 class VMPlan(DesiredVM):
@@ -267,7 +411,8 @@ class VMPlan(DesiredVM):
     destroys: tuple[str, ...] = ()
     """What a replace or delete throws away with the VM: its memory state, cow and data disks."""
     replace_paths: tuple[str, ...] = ()
-    """The fields that force a replace (cocoon cannot change them on a running VM)."""
+    """The top-level fields of the changes that stand on their own (``disks``, ``cpu``, …):
+    what forces a replace, as cocoon cannot change them on a VM."""
     changes: tuple[Change, ...] = ()
     drift: tuple[Drift, ...] = ()
     observed_id: str | None = None
@@ -352,6 +497,8 @@ class Plan(Model):
     applyable: bool = True
     """``cocoonplan apply`` would carry this plan out (complete, and not refresh-only)."""
     vms: tuple[VMPlan, ...]
+    drift: tuple[NodeDrift, ...] = ()
+    """Every VM's drift in one place, node by node (the entries of ``vms[].drift``)."""
     lock_changes: tuple[LockChange, ...] = ()
     errors: tuple[Diagnostic, ...] = ()
     warnings: tuple[Diagnostic, ...] = ()

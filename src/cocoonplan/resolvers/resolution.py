@@ -34,7 +34,9 @@ from cocoonplan.resolved import (
     RunningBase,
 )
 from cocoonplan.resolvers.content import Content
-from cocoonplan.resolvers.image import BootScanner, resolve_image
+from cocoonplan.resolvers.files import expects_files, gather_files
+from cocoonplan.resolvers.image import resolve_image
+from cocoonplan.resolvers.layerscan import LayerScanner
 from cocoonplan.resolvers.network import default_networks
 from cocoonplan.resolvers.node import present_layers, read_node_state
 from cocoonplan.resolvers.pins import Pinner
@@ -77,14 +79,24 @@ def resolve(
     locked: bool = False,
     update_lock: bool = False,
     refresh_only: bool = False,
+    roots: Mapping[str, Path] | None = None,
 ) -> Resolution:
     """Resolve every spec against the node it targets (a refresh-only plan resolves none: it
-    compares the nodes with their own records). A spec that fails becomes an error entry."""
+    compares the nodes with their own records). A spec that fails becomes an error entry.
+
+    ``roots`` are the nodes' cocoon root directories readable from here (:func:`root_directories`),
+    whose EROFS layers file expectations may read."""
     networks = default_networks(context, states)
     releases = {name: node_release(name, context.project.nodes[name], states[name]) for name in states}
     content = Content(sources)
     pinner = Pinner(content, lock, lock_display, locked=locked, update=update_lock)
-    scanner = BootScanner(content, context.resolve(context.project.cache))
+    expected = [spec.spec.spec.expect for spec in specs if spec.spec.spec.expect]
+    scanner = LayerScanner(
+        content,
+        context.resolve(context.project.cache),
+        keep=any(e.files or e.absent for e in expected),
+        hash_files=any(f.sha256 for e in expected for f in e.files),
+    )
     inputs: list[PlanInput] = []
     errors: list[Diagnostic] = []
     for loaded in [] if refresh_only else specs:
@@ -96,6 +108,8 @@ def resolve(
             errors.append(Diagnostic.from_error(exc, vm=loaded.spec.name, file=loaded.file))
             continue
         inputs.append(PlanInput(loaded=loaded, resolved=resolved, node=settings))
+    if any(expects_files(item) for item in inputs):
+        inputs = gather_files(inputs, states, scanner, roots or {})
     views, warnings = node_views(dict(states), content, networks, releases, context.project)
     return Resolution(
         inputs=tuple(inputs),
@@ -173,7 +187,7 @@ def read_nodes(
             )
     states: dict[str, NodeState | None] = {}
     for name, node in sorted(context.project.nodes.items()):
-        path = overrides.get(name) or (context.resolve(node.state) if node.state else None)
+        path = state_location(context, overrides, name)
         if path is not None:
             states[name] = read_node_state(path, node.root_dir, node.run_dir)
         elif name in assume_empty:
@@ -181,6 +195,18 @@ def read_nodes(
         else:
             states[name] = None
     return states
+
+
+def state_location(context: ProjectContext, overrides: Mapping[str, Path], node: str) -> Path | None:
+    """Where node ``node``'s state is read from: ``--root``/``--state``, else its ``state:``."""
+    settings = context.project.nodes[node]
+    return overrides.get(node) or (context.resolve(settings.state) if settings.state else None)
+
+
+def root_directories(context: ProjectContext, overrides: Mapping[str, Path]) -> dict[str, Path]:
+    """The nodes whose state is a cocoon root directory readable from here, by name."""
+    found = {name: state_location(context, overrides, name) for name in sorted(context.project.nodes)}
+    return {name: path for name, path in found.items() if path is not None and path.is_dir()}
 
 
 def running_base(vm: ObservedVM, state: NodeState, content: Content, arch: Arch) -> RunningBase:
@@ -252,7 +278,7 @@ def check_locked_base(pinner: Pinner, source: PinnedRef, base: str | None) -> No
 
 
 def base_boot(
-    snapshot: ResolvedSnapshot, state: NodeState | None, content: Content, scanner: BootScanner, arch: Arch
+    snapshot: ResolvedSnapshot, state: NodeState | None, content: Content, scanner: LayerScanner, arch: Arch
 ) -> ResolvedImage | None:
     """The snapshot's base image with its boot layers located, when the node lacks a boot
     file the clone needs (cocoon's ``VerifyBaseFiles`` stats them); None otherwise."""
@@ -270,7 +296,7 @@ def resolve_vm(
     loaded: LoadedSpec,
     content: Content,
     pinner: Pinner,
-    scanner: BootScanner,
+    scanner: LayerScanner,
     state: NodeState | None,
     arch: Arch,
 ) -> ResolvedVM:
