@@ -185,3 +185,22 @@ def test_refresh_only_reports_drift_once_and_proposes_nothing(
     assert run_cli(["plan", ".", "--refresh-only", "--markdown"], examples).stdout == snapshot(
         extension_class=TextFile
     )
+
+
+def test_a_thousand_vm_project_splits_into_comments_under_github_s_limit(tmp_path: Path) -> None:
+    project = copy_examples(tmp_path / "examples")
+    spec = (project / "agent-run.yaml").read_text()
+    fleet = project / "fleet"
+    fleet.mkdir()
+    for number in range(1_000):
+        (fleet / f"vm-{number:04}.yaml").write_text(spec.replace("name: agent-run", f"name: vm-{number:04}"))
+    out = tmp_path / "comments"
+    result = run_cli(["plan", "fleet", "--markdown-dir", str(out)], project)
+    assert result.exit_code == 0, result.stderr
+    parts = sorted(out.iterdir(), key=lambda path: int(path.stem.removeprefix("plan-")))
+    texts = [path.read_text() for path in parts]
+    assert len(texts) > 1 and all(len(text) < 60_000 for text in texts)
+    assert [path.name for path in parts] == [f"plan-{n}.md" for n in range(1, len(texts) + 1)]
+    whole = "".join(texts)
+    assert all(f"<b>vm-{number:04}</b>" in whole for number in range(1_000)), "nothing is cut"
+    assert texts[0].splitlines()[1] == "### cocoonplan plan: 1000 to create"
