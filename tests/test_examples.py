@@ -137,12 +137,23 @@ def test_render_writes_and_checks_gitops_files(project: Path, tmp_path: Path) ->
             f"{node}/{vm}/{f}"
             for node in NODES
             for vm, names in (
-                ("agent-clone", ("config.json", "disks.json", "launch", "provisional.json", "restore.json")),
+                (
+                    "agent-clone",
+                    ("config.json", "disks.json", "files.json", "launch", "provisional.json", "restore.json")
+                    if node == "node-a"  # only agent-clone.yaml expects files
+                    else ("config.json", "disks.json", "launch", "provisional.json", "restore.json"),
+                ),
                 ("agent-run", ("config.derived.json", "disks.json", "launch", "provisional.json")),
             )
             for f in names
         ),
     ]
+    (watchdog,) = json.loads((target / "node-a/agent-clone/files.json").read_text())
+    assert (watchdog["path"], watchdog["verdict"], watchdog["layer"]) == (
+        "/usr/local/bin/simular-agent-watchdog.sh",
+        "holds",
+        9,
+    )
     # The launch file is quoted for a shell: --cmdline's value is one argument.
     launch = shlex.split((target / "node-a/agent-run/launch").read_text())
     assert launch[launch.index("--cmdline") + 1].startswith("console=hvc0 loglevel=3 boot=cocoon-overlay ")

@@ -22,6 +22,7 @@ RENDERED_FILES = (
     "launch",
     "restore.json",
     "provisional.json",
+    "files.json",
 )
 CONFIG_FILES = {ConfigOrigin.WRITTEN: "config.json", ConfigOrigin.DERIVED: "config.derived.json"}
 """A config cocoon writes is ``config.json``; one derived from launch arguments says so in its name."""
@@ -45,7 +46,7 @@ def rendered_files(vm: VMPlan) -> dict[str, str]:
     The config keeps cocoon's key order, indented so that reviews diff field by field; the
     launch is quoted so that a shell runs exactly the planned arguments; a clone's restore
     calls follow its launch; ``provisional.json`` lists the values cocoon or CNI choose at
-    create time, and why.
+    create time, and why; ``files.json`` is the proof of the spec's expected paths.
     """
     files = {
         CONFIG_FILES[vm.config_origin]: _json(vm.config),
@@ -55,6 +56,8 @@ def rendered_files(vm: VMPlan) -> dict[str, str]:
     }
     if vm.restore:
         files["restore.json"] = _json([r.model_dump(mode="json") for r in vm.restore])
+    if vm.files:
+        files["files.json"] = _json([check.model_dump(mode="json") for check in vm.files])
     return files
 
 
