@@ -68,6 +68,9 @@ def test_digest_named_content_is_served_from_cache_once_the_registry_is_gone(
     store.download_blob("cache/snap", layer, tmp_path / "two" / "a.bin")
     assert (tmp_path / "two" / "a.bin").read_bytes() == b"cached\n" * 999
     assert inner.calls == Counter(get_manifest=1, get_blob=1, download_blob=1)
+    # Written once: the download is the cache entry, and so is what the cache hands out.
+    entry = store.cache.path_for(layer.digest)
+    assert entry.samefile(tmp_path / "one" / "a.bin") and entry.samefile(tmp_path / "two" / "a.bin")
 
     # A tag is never answered from the cache, even though its manifest is cached.
     with pytest.raises(RegistryError, match="cannot fetch manifest cache/snap:v1"):

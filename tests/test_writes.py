@@ -432,7 +432,7 @@ def test_the_blob_cache_verifies_every_read(project: Path, tmp_path: Path) -> No
     assert cache.get(layer.digest, layer.size) is None
     assert not cache.path_for(layer.digest).exists()  # dropped
     cache.path_for(layer.digest).write_bytes(b"tampered")
-    assert cache.copy_to(layer, tmp_path / "second") is False
+    assert cache.hand_off(layer, tmp_path / "second") is None
     assert not (tmp_path / "second").exists()
     store.download_blob("any", layer, tmp_path / "third")
     assert (tmp_path / "third").read_bytes() == good == cache.path_for(layer.digest).read_bytes()

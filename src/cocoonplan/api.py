@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 from pydantic import ValidationError
 
-from cocoonplan import __version__
+from cocoonplan import __version__, defaults
 from cocoonplan.atomic import update_file
 from cocoonplan.context import ProjectContext
 from cocoonplan.document import read_documents
@@ -561,8 +561,7 @@ def apply_target(
     return NodeTarget(node, local, RULES[line], state.metadata_engine, cocoon)
 
 
-BOOT_TIMEOUT_SECONDS = 120.0
-"""The default bound of one proof boot: a TCG boot takes 2-3 s; the margin is for a loaded machine."""
+BOOT_TIMEOUT_SECONDS = defaults.BOOT_TIMEOUT_SECONDS
 
 
 def verify_boot(

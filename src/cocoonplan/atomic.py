@@ -225,6 +225,41 @@ def atomic_writer(directory: Path, name: str) -> Iterator[AtomicFile]:
         os.close(dir_fd)
 
 
+class NotLinkableError(CocoonplanError):
+    """The file system refuses a hard link there (another file system, protected hard links)."""
+
+
+@contextlib.contextmanager
+def link_writer(source_fd: int, directory: Path, name: str) -> Iterator[None]:
+    """Place the open file ``source_fd`` at ``directory/name`` as another hard link to it, the
+    way :func:`atomic_writer` places a file: under a temporary name until the ``with`` body
+    succeeds (a caller verifies the bytes there), then renamed over the target and the
+    directory fsync'd; removed when the body raises. No byte is copied.
+
+    Linked through ``/proc/self/fd``, the descriptor opened without following links, never
+    through a path a link could replace in between. NotLinkableError, before the body, when
+    the file system refuses: the caller copies instead.
+    """
+    parts = _parts(directory, name)
+    path = directory.joinpath(*parts)
+    dir_fd = _walk(directory, parts[:-1], create=True)
+    try:
+        _check_target(dir_fd, parts[-1], path)
+        temporary = f".{parts[-1]}.{secrets.token_hex(8)}.tmp"
+        try:
+            os.link(f"/proc/self/fd/{source_fd}", temporary, dst_dir_fd=dir_fd, follow_symlinks=True)
+        except OSError as exc:
+            raise NotLinkableError(f"cannot link {path}: {exc.strerror or exc}") from exc
+        try:
+            yield
+            _publish(dir_fd, temporary, parts[-1], path)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary, dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 def write_atomic(directory: Path, name: str, data: bytes | str) -> None:
     """Replace ``directory/name`` with ``data`` (str as UTF-8), atomically and never through a link."""
     with atomic_writer(directory, name) as out:

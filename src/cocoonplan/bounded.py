@@ -19,6 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from yaml._yaml import CParser
+from yaml.composer import Composer
+from yaml.constructor import SafeConstructor
+from yaml.parser import Parser
+from yaml.reader import Reader
+from yaml.resolver import Resolver
+from yaml.scanner import Scanner
 
 MAX_DEPTH = 64
 """Nesting levels any document cocoonplan reads may have; real ones use fewer than 10."""
@@ -127,8 +134,23 @@ class YAMLLimitError(InputLimitError):
         self.column = mark.column + 1 if mark else None
 
 
-class BoundedLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing a document before its nodes exhaust memory or the stack.
+class _PythonParser(Reader, Scanner, Parser):
+    """PyYAML's pure-Python event source, for the files libyaml refuses as too deep (see below)."""
+
+    def __init__(self, stream: str) -> None:
+        Reader.__init__(self, stream)
+        Scanner.__init__(self)
+        Parser.__init__(self)
+
+
+_LIBYAML_TOO_DEEP = "exceeded maximum nesting depth"
+"""libyaml's refusal of flow nesting beyond its own limit (1,000), met while its scanner looks
+ahead, before the first event of the collection: the levels past MAX_DEPTH are not reached yet."""
+
+
+class BoundedLoader(Composer, SafeConstructor, Resolver):
+    """PyYAML's safe loader on libyaml's parser, refusing a document before its nodes exhaust
+    memory or the stack.
 
     Composing is where both happen: the composer recurses once per nesting level, and an alias
     is the node its anchor names, which every reader walking the document expands in full
@@ -142,12 +164,23 @@ class BoundedLoader(yaml.SafeLoader):
     constructor cannot build (a date such as ``2024-13-01``) is a ``ConstructorError`` at its
     node, like every other malformed value, not a bare ``ValueError``.
 
-    The pure-Python loader is the base: libyaml's ``CSafeLoader`` reads about three times
-    faster, but composes in C, out of reach of these checks.
+    Events come from libyaml (``CParser``: scanning and parsing, most of the work, in C, with
+    every event's line and column), nodes from PyYAML's Python composer: ``CSafeLoader`` would
+    compose in C too, out of reach of these checks, holding the whole node graph before any
+    could run. libyaml's scanner looks ahead over a line of flow collections and refuses one
+    nested 1,000 deep before any of its events exist; then the events are taken again, past
+    those already composed, from the pure-Python parser, so the refusal is this loader's, at
+    the level that crosses MAX_DEPTH.
     """
 
     def __init__(self, stream: str) -> None:
-        super().__init__(stream)
+        self._text = stream
+        self._events: CParser | _PythonParser = CParser(stream)
+        self._taken = 0
+        """Events composed so far: where the pure-Python parser takes over."""
+        Composer.__init__(self)
+        SafeConstructor.__init__(self)
+        Resolver.__init__(self)
         self._depth = 0
         """Collection levels open at the node being composed."""
         self._deepest = 0
@@ -159,6 +192,37 @@ class BoundedLoader(yaml.SafeLoader):
         self._anchored: dict[str, tuple[int, int]] = {}
         """Per anchor of the current document: (nodes, nesting levels) its node expands to."""
 
+    def check_event(self, *choices: type[yaml.Event]) -> bool:
+        """Whether the next event is one of ``choices`` (any, without)."""
+        return bool(self._from_parser(lambda: self._events.check_event(*choices)))
+
+    def peek_event(self) -> yaml.Event:
+        """The next event, left in place (the composer asks only while there is one)."""
+        event: yaml.Event = self._from_parser(lambda: self._events.peek_event())
+        return event
+
+    def get_event(self) -> yaml.Event:
+        """The next event, taken."""
+        event: yaml.Event = self._from_parser(lambda: self._events.get_event())
+        self._taken += 1
+        return event
+
+    def dispose(self) -> None:
+        """Nothing to release: kept for PyYAML's loader interface."""
+
+    def _from_parser(self, call: Callable[[], Any]) -> Any:
+        # ``call`` reads ``self._events`` when called, so it asks whichever parser is current.
+        try:
+            return call()
+        except yaml.MarkedYAMLError as exc:
+            if exc.problem != _LIBYAML_TOO_DEEP or isinstance(self._events, _PythonParser):
+                raise
+        python = _PythonParser(self._text)
+        for _ in range(self._taken):
+            python.get_event()  # type: ignore[no-untyped-call]  # untyped in the stubs
+        self._events = python
+        return call()
+
     def compose_document(self) -> yaml.Node | None:
         """Compose one document; its anchors are forgotten after it, as PyYAML forgets them."""
         node = super().compose_document()
@@ -167,7 +231,7 @@ class BoundedLoader(yaml.SafeLoader):
 
     def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
         """Compose the next node within the bounds; an alias is charged what it expands to."""
-        event: yaml.Event = self.peek_event()  # type: ignore[no-untyped-call]  # untyped in the stubs
+        event = self.peek_event()
         if isinstance(event, yaml.AliasEvent):
             # An alias of an anchor not defined yet is PyYAML's own error, raised just below.
             if event.anchor in self.anchors:
@@ -222,6 +286,16 @@ class BoundedLoader(yaml.SafeLoader):
         self._nodes += nodes
         if self._nodes > MAX_YAML_NODES:
             raise YAMLLimitError(f"more than {MAX_YAML_NODES} nodes, aliases counted expanded", event)
+
+
+def load_yaml(text: str) -> list[Any]:
+    """Every document of ``text``, as :class:`BoundedLoader` constructs them (None for an empty
+    one); a refusal raises its YAMLError."""
+    loader = BoundedLoader(text)
+    documents = []
+    while loader.check_data():  # type: ignore[no-untyped-call]  # untyped in the stubs
+        documents.append(loader.get_data())
+    return documents
 
 
 class _NotGoJSONError(ValueError):

@@ -18,26 +18,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from cocoonplan import __version__, api
-from cocoonplan.atomic import check_target, holds, update_file
-from cocoonplan.comments import write_comments
+from cocoonplan import __version__
+from cocoonplan.defaults import BOOT_TIMEOUT_SECONDS, DEFAULT_ROOT_DIR
 from cocoonplan.errors import CocoonplanError
-from cocoonplan.executors.blobs import progress_reporter
-from cocoonplan.gitops import differences, write_tree
-from cocoonplan.planfile import read_plan, write_plan
-from cocoonplan.planner.model import Action, Plan
-from cocoonplan.planner.steps import compile_steps
 from cocoonplan.proof.host import KERNEL_ROOT_VARIABLE, KvmMode
-from cocoonplan.proof.target import DiskSet
-from cocoonplan.proof.verdict import Verification
-from cocoonplan.render import plan_document, render_human, render_json, render_markdown, render_markdown_parts
-from cocoonplan.render.escape import plain, plain_lines
-from cocoonplan.resolvers.node import DEFAULT_ROOT_DIR, encode_state
-from cocoonplan.schemas import generate as generate_schemas
+
+# Each command imports what it uses when it runs, so `--version`, `--help` and completion
+# start without loading httpx, jinja2 and the planner.
+if TYPE_CHECKING:
+    from cocoonplan import api
+    from cocoonplan.planner.model import Plan
+    from cocoonplan.proof.verdict import Verification
 
 app = typer.Typer(
     name="cocoonplan",
@@ -112,6 +107,8 @@ def _here(path: Path) -> Path:
 
 
 def _environment() -> api.Environment:
+    from cocoonplan import api
+
     return api.Environment(env=dict(os.environ), cwd=_cwd())
 
 
@@ -153,6 +150,8 @@ def _global_options(
 
 
 def _fail(exc: CocoonplanError) -> typer.Exit:
+    from cocoonplan.render.escape import plain, plain_lines
+
     # The summary and hint may quote file names or server messages: one visible line each.
     lines = [f"Error: {plain(exc.summary)}"]
     if exc.detail:
@@ -174,6 +173,8 @@ def _colour(no_color: bool) -> bool:
 
 
 def _human(plan: Plan, *, verbose: bool = False, no_color: bool = False) -> str:
+    from cocoonplan.render import plan_document, render_human
+
     return render_human(plan_document(plan), verbose=verbose, color=_colour(no_color))
 
 
@@ -186,6 +187,16 @@ def _print_plan(
     no_color: bool = False,
     markdown_dir: Path | None = None,
 ) -> None:
+    from cocoonplan.comments import write_comments
+    from cocoonplan.render import (
+        plan_document,
+        render_human,
+        render_json,
+        render_markdown,
+        render_markdown_parts,
+    )
+    from cocoonplan.render.escape import plain
+
     document = plan_document(plan)
     if as_json:
         sys.stdout.write(render_json(document))
@@ -213,6 +224,9 @@ def validate(
     ] = False,
 ) -> None:
     """Check specs and the project file offline; print one line per VM."""
+    from cocoonplan import api
+    from cocoonplan.render.escape import plain
+
     try:
         specs = api.validate(paths or [Path()], _environment())
     except CocoonplanError as exc:
@@ -289,6 +303,9 @@ def plan(
     ] = None,
 ) -> None:
     """Resolve specs and show what would change on the nodes, Terraform style."""
+    from cocoonplan import api
+    from cocoonplan.planfile import write_plan
+
     try:
         result = api.plan(
             paths or [Path()],
@@ -331,6 +348,10 @@ def show(
     ] = None,
 ) -> None:
     """Print a saved plan, or the steps that carry it out."""
+    from cocoonplan.planfile import read_plan
+    from cocoonplan.planner.steps import compile_steps
+    from cocoonplan.render.escape import plain
+
     try:
         saved = read_plan(_here(planfile))
         planned = compile_steps(saved, target or []) if steps else None
@@ -360,6 +381,9 @@ def lock(
     ] = False,
 ) -> None:
     """Resolve every reference once and write cocoonplan.lock beside the project file."""
+    from cocoonplan import api
+    from cocoonplan.render.escape import plain
+
     try:
         result = api.lock(paths or [Path()], _environment(), update=update)
     except CocoonplanError as exc:
@@ -384,6 +408,11 @@ def render(
     ] = False,
 ) -> None:
     """Write each VM's config.json, disks.json and launch line for a GitOps repo."""
+    from cocoonplan import api
+    from cocoonplan.gitops import differences, write_tree
+    from cocoonplan.render import plan_document, render_human
+    from cocoonplan.render.escape import plain
+
     try:
         rendered = api.render(paths or [Path()], _environment())
     except CocoonplanError as exc:
@@ -431,6 +460,9 @@ def schemas(
     ] = False,
 ) -> None:
     """Write the JSON Schemas of the spec, project, lock and plan documents (for editors and tools)."""
+    from cocoonplan.atomic import check_target
+    from cocoonplan.schemas import generate as generate_schemas
+
     generated = generate_schemas()
     directory = _here(directory)
     try:
@@ -446,6 +478,8 @@ def schemas(
 
 
 def _stale(directory: Path, name: str, text: str, *, write: bool) -> bool:
+    from cocoonplan.atomic import holds, update_file
+
     return update_file(directory, name, text) if write else not holds(directory, name, text)
 
 
@@ -476,6 +510,11 @@ def apply(
     root: NodeRoots = None,
 ) -> None:
     """Carry out exactly a saved plan (or one made now, once approved), then prove the result."""
+    from cocoonplan import api
+    from cocoonplan.executors.blobs import progress_reporter
+    from cocoonplan.planfile import read_plan
+    from cocoonplan.render.escape import plain
+
     environment = _environment()
     paths = what or [Path()]
     try:
@@ -519,6 +558,10 @@ def import_(
     root: NodeRoots = None,
 ) -> None:
     """Take a VM cocoonplan did not create into its ownership, after showing how it differs from SPEC."""
+    from cocoonplan import api
+    from cocoonplan.planner.model import Action
+    from cocoonplan.render.escape import plain
+
     node, _, name = address.partition("/")
     environment = _environment()
     try:
@@ -545,6 +588,9 @@ def force_unlock(
     root: NodeRoots = None,
 ) -> None:
     """Remove a node's apply lease whose holder is gone; the lease id must match."""
+    from cocoonplan import api
+    from cocoonplan.render.escape import plain
+
     try:
         api.force_unlock(node, lease_id, _environment(), root or [])
     except CocoonplanError as exc:
@@ -567,13 +613,14 @@ def _terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-_DISK_SETS = {DiskSet.PLANNED: "planned disks", DiskSet.ON_NODE: "the node's disks"}
-
-
 def _print_verification(verification: Verification) -> None:
+    from cocoonplan.proof.target import DiskSet
+    from cocoonplan.render.escape import plain
+
+    disk_sets = {DiskSet.PLANNED: "planned disks", DiskSet.ON_NODE: "the node's disks"}
     target = verification.target
     how = (
-        f"{_DISK_SETS[target.disk_set]} ({len(target.layers)} layers), "
+        f"{disk_sets[target.disk_set]} ({len(target.layers)} layers), "
         f"{verification.machine.accelerator} boot in {verification.report.seconds:.1f} s"
     )
     if verification.failure is not None:
@@ -617,7 +664,7 @@ def verify(
     ] = None,
     timeout: Annotated[
         float, typer.Option("--timeout", metavar="SECONDS", help="The bound of each boot.")
-    ] = api.BOOT_TIMEOUT_SECONDS,
+    ] = BOOT_TIMEOUT_SECONDS,
     kvm: Annotated[
         KvmMode,
         typer.Option(
@@ -629,6 +676,10 @@ def verify(
 ) -> None:
     """Prove by booting each VM's disks that its root holds what its spec expects; exit 1
     naming every VM and path that fails."""
+    from cocoonplan import api
+    from cocoonplan.executors.blobs import progress_reporter
+    from cocoonplan.render.escape import plain
+
     if not boot:
         raise _fail(
             CocoonplanError(
@@ -702,6 +753,9 @@ def state_export(
     ] = None,
 ) -> None:
     """Print the node's state document (JSON) for a project's `state:`; no secrets, no local paths."""
+    from cocoonplan import api
+    from cocoonplan.resolvers.node import encode_state
+
     try:
         state = api.export_state(root, _environment(), root_dir, run_dir, cni_conf_dir, cocoon)
     except CocoonplanError as exc:

@@ -6,6 +6,7 @@ validation error can name ``file:line:column`` of the offending key, not just it
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,9 @@ YAML_BOUNDS = (
 )
 LIMITS_HINT = f"cocoonplan reads only {YAML_BOUNDS}: keep the file within them"
 MALFORMED_HINT = "fix the YAML there (quote a value YAML would read as another type, such as a date)"
+PARSED_FILES = 4096
+"""Parses :func:`parsed_text` keeps: a plan reads each spec file twice (its specs, then the
+project's index of the VMs every file defines), and parsing is most of what a spec costs."""
 
 
 @dataclass(frozen=True)
@@ -155,6 +159,13 @@ def read_yaml(path: Path, display: str, hint: str = LIMITS_HINT) -> str:
         raise SpecError(f"cannot read file: {exc}", file=display) from exc
 
 
+@functools.lru_cache(maxsize=PARSED_FILES)
+def parsed_text(text: str, file: str) -> tuple[LocatedDocument, ...]:
+    """The documents of ``text`` as :func:`parse_documents` yields them, parsed once per text
+    and name in a process (callers never change them); a refusal is raised again each time."""
+    return tuple(parse_documents(text, file))
+
+
 def read_documents(path: Path, display: str) -> list[LocatedDocument]:
     """Read and parse a YAML file; ``display`` is the (relative) name used in messages."""
-    return list(parse_documents(read_yaml(path, display), display))
+    return list(parsed_text(read_yaml(path, display), display))

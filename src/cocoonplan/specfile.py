@@ -10,8 +10,15 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from cocoonplan.bounded import BoundedLoader, YAMLLimitError
-from cocoonplan.document import YAML_BOUNDS, LocatedDocument, limit_error, read_documents, read_yaml
+from cocoonplan.bounded import YAMLLimitError, load_yaml
+from cocoonplan.document import (
+    YAML_BOUNDS,
+    LocatedDocument,
+    limit_error,
+    parsed_text,
+    read_documents,
+    read_yaml,
+)
 from cocoonplan.errors import CocoonplanError, SpecError
 from cocoonplan.project import PROJECT_FILE
 from cocoonplan.spec import VM_KIND, LoadedSpec, VMSpec
@@ -148,12 +155,20 @@ def index_project(directory: Path) -> ProjectIndex:
     base = directory.resolve()
     for file in spec_files([directory], directory):
         display = file.relative_to(base).as_posix()
+        text = read_yaml(file, display, SCAN_HINT)
         try:
-            documents = list(yaml.load_all(read_yaml(file, display, SCAN_HINT), Loader=BoundedLoader))
-        except YAMLLimitError as exc:
-            raise limit_error(exc, display, SCAN_HINT) from exc
-        except yaml.YAMLError:
-            continue
+            # A spec file being planned was parsed just so, under the same name: not again.
+            documents = [document.data for document in parsed_text(text, display)]
+        except SpecError as exc:
+            if isinstance(exc.__cause__, YAMLLimitError):
+                raise limit_error(exc.__cause__, display, SCAN_HINT) from exc.__cause__
+            # Not a valid spec file (malformed, a key twice): read leniently.
+            try:
+                documents = load_yaml(text)
+            except YAMLLimitError as exc:
+                raise limit_error(exc, display, SCAN_HINT) from exc
+            except yaml.YAMLError:
+                continue
         for document in documents:
             if not _defines_vm(document):
                 continue

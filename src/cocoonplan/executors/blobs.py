@@ -20,9 +20,9 @@ Guarantees:
 * **from the cache, hashed once.** A blob in cocoonplan's cache (``<cache>/blobs/sha256/<hex>``,
   opened without following links) is hard-linked to a temporary name beside its final one,
   hashed through the link, then renamed into place; where linking fails (another file system,
-  protected hard links) it is copied by :meth:`BlobCache.copy_to`, hashed as it is copied. The
+  protected hard links) it is copied, hashed as it is copied (:meth:`BlobCache.hand_off`). The
   cache may be repository-relative, so its entries are verified on every read (its own rule);
-  the bytes are never hashed a second time after that. An entry that fails is not used.
+  the bytes are never hashed a second time after that. An entry that fails is dropped, not used.
 * **present is not fetched.** A regular file of the right size under the final name is reported
   as present: only a verified file is ever renamed there. One of another size is replaced.
 * **kill -9 safe.** Only temporary names ever hold partial bytes. Temporary files here are the
@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import secrets
 import stat
 import threading
 import time
@@ -51,15 +50,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TextIO
 
 from cocoonplan.atomic import AtomicFile, atomic_writer, open_regular, remove_file
-from cocoonplan.errors import CocoonplanError, DigestMismatchError, PlanError, RegistryError
+from cocoonplan.errors import CocoonplanError, PlanError, RegistryError
 from cocoonplan.model import Model, digest_hex, short_digest
 from cocoonplan.nodefs import Listing, Tree
-from cocoonplan.oci.cache import BlobCache
+from cocoonplan.oci.cache import BlobCache, Placed
 from cocoonplan.oci.manifest import Descriptor
 from cocoonplan.oci.reference import parse_reference
 from cocoonplan.oci.registry import is_transient
 from cocoonplan.oci.store import BlobReader, ContentStore
-from cocoonplan.oci.verifier import CHUNK_SIZE, Verifier, require_sha256
+from cocoonplan.oci.verifier import Verifier, require_sha256
 from cocoonplan.units import format_size
 
 if TYPE_CHECKING:
@@ -74,7 +73,6 @@ DEFAULT_BACKOFF = 0.5
 STALE_TEMPORARY = re.compile(r"\.[0-9a-f]{64}\.[0-9a-f]{16}\.tmp")
 """The atomic writer's temporary names for ``<64 hex>`` files: partial blobs of a run that died."""
 
-_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _HINT = "check that the destination directory is writable and has room, then run apply again"
 
 
@@ -108,6 +106,9 @@ class Outcome(StrEnum):
     LINKED = "linked from the cache"
     COPIED = "copied from the cache"
     PRESENT = "already present"
+
+
+_PLACED = {Placed.LINKED: Outcome.LINKED, Placed.COPIED: Outcome.COPIED}
 
 
 class FetchedBlob(Model):
@@ -255,52 +256,8 @@ def _descriptor(blob: BlobRequest) -> Descriptor:
 
 def _from_cache(cache: BlobCache, blob: BlobRequest, destination: Path, name: str) -> Outcome | None:
     """Place ``blob`` from its cache entry; None when there is no entry or it fails verification."""
-    try:
-        entry = open_regular(cache.root, cache.path_for(blob.digest).relative_to(cache.root).as_posix())
-    except CocoonplanError:
-        return None  # a link or special file: not an entry the cache wrote (it drops those itself)
-    if entry is None:
-        return None
-    with entry:
-        if os.fstat(entry.fileno()).st_size != blob.size:
-            return None
-        try:
-            dir_fd = os.open(destination, _DIRECTORY)
-        except OSError as exc:
-            raise CocoonplanError(f"cannot write into {destination}: {exc.strerror}", hint=_HINT) from exc
-        try:
-            temporary = f".{name}.{secrets.token_hex(8)}.tmp"
-            try:
-                # Through the descriptor opened without following links, not the entry's path,
-                # which a link could replace in between.
-                os.link(f"/proc/self/fd/{entry.fileno()}", temporary, dst_dir_fd=dir_fd, follow_symlinks=True)
-            except OSError:
-                return Outcome.COPIED if cache.copy_to(_descriptor(blob), destination / name) else None
-            try:
-                return _publish_link(entry.fileno(), dir_fd, temporary, name, blob, cache)
-            finally:
-                with contextlib.suppress(OSError):
-                    os.unlink(temporary, dir_fd=dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
-def _publish_link(
-    entry_fd: int, dir_fd: int, temporary: str, name: str, blob: BlobRequest, cache: BlobCache
-) -> Outcome | None:
-    verifier = Verifier(blob.digest, blob.size, f"blob {blob.digest}", f"cache {cache.root}")
-    try:
-        for chunk in iter(partial(os.read, entry_fd, CHUNK_SIZE), b""):
-            verifier.update(chunk)
-        verifier.finish()
-    except DigestMismatchError:
-        return None
-    try:
-        os.replace(temporary, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        os.fsync(dir_fd)  # the rename is durable only once the directory entry is
-    except OSError as exc:
-        raise CocoonplanError(f"cannot place blob {blob.digest}: {exc.strerror}", hint=_HINT) from exc
-    return Outcome.LINKED
+    placed = cache.hand_off(_descriptor(blob), destination / name)
+    return None if placed is None else _PLACED[placed]
 
 
 class _Download:

@@ -62,7 +62,14 @@ from typing import IO, Any, BinaryIO
 
 from pydantic import Field
 
-from cocoonplan.atomic import atomic_writer, check_target, read_bounded, write_atomic
+from cocoonplan.atomic import (
+    NotLinkableError,
+    atomic_writer,
+    check_target,
+    link_writer,
+    read_bounded,
+    write_atomic,
+)
 from cocoonplan.bounded import InputLimitError, loads_written_by_go
 from cocoonplan.cocoon import MetadataEngine
 from cocoonplan.errors import ApplyError
@@ -179,11 +186,28 @@ def _real_directory(root: Path, rel: str) -> Path:
 
 
 def _publish(root: Path, rel: str, source: Path) -> None:
-    # atomic.py writes what it is handed; a publish-by-rename entry point there would save
-    # this copy of the EROFS (the scratch directory is on the same file system).
     with atomic_writer(root, rel) as out, source.open("rb") as data:
         while chunk := data.read(_CHUNK):
             out.write(chunk)
+
+
+def _publish_erofs(root: Path, rel: str, erofs: Path) -> None:
+    # The scratch directory is under the node root, on the same file system as a rule: the
+    # EROFS mkfs.erofs wrote (0644, as the atomic writer's copy would be) is hard-linked into
+    # place, not copied, once it is durable; copied where the file system refuses the link.
+    with erofs.open("rb") as data:
+        try:
+            os.fsync(data.fileno())
+            with link_writer(data.fileno(), root, rel):
+                return
+        except NotLinkableError:
+            pass
+        except OSError as exc:
+            raise ApplyError(
+                f"cannot write {root / rel}: {exc.strerror or exc}",
+                hint="check the space under the node root",
+            ) from exc
+    _publish(root, rel, erofs)
 
 
 # --------------------------------------------------------------------------- reading the blob
@@ -491,7 +515,7 @@ def convert_layer(blob: Path, digest: str, root: Path, limits: UnpackLimits | No
         for name, found in ((_KERNEL, unpacked.kernel), (_INITRD, unpacked.initrd)):
             if found:
                 _publish(root, f"{BOOT_DIR}/{hex_}/{name}", boot / name)
-        _publish(root, f"{BLOBS_DIR}/{hex_}.erofs", erofs)
+        _publish_erofs(root, f"{BLOBS_DIR}/{hex_}.erofs", erofs)
         size = erofs.stat().st_size
     return ConvertedLayer(
         digest=digest,

@@ -20,12 +20,14 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 from collections.abc import Iterable, Iterator
+from enum import StrEnum
 from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
-from cocoonplan.atomic import atomic_writer, open_regular, remove_file
+from cocoonplan.atomic import NotLinkableError, atomic_writer, link_writer, open_regular, remove_file
 from cocoonplan.errors import CocoonplanError, DigestMismatchError, RegistryError, ResolveError
 from cocoonplan.oci.manifest import Descriptor, media_type_of
 from cocoonplan.oci.store import (
@@ -38,6 +40,14 @@ from cocoonplan.oci.store import (
     manifest_name,
 )
 from cocoonplan.oci.verifier import CHUNK_SIZE, Verifier, read_chunks, require_sha256, verify_bytes
+
+
+class Placed(StrEnum):
+    """How :meth:`BlobCache.hand_off` placed an entry."""
+
+    LINKED = "linked from the cache"
+    COPIED = "copied from the cache"
+
 
 # Warnings of a run that goes on; with logging not configured, Python prints them to stderr.
 _log = logging.getLogger(__name__)
@@ -108,6 +118,10 @@ class BlobCache:
         with contextlib.suppress(CocoonplanError):
             remove_file(self.root, name)
 
+    def _give_up(self, exc: CocoonplanError) -> None:
+        self._unwritable = True
+        _log.warning("warning: not caching in %s, going on without: %s", self.root, exc.summary)
+
     def _write(self, name: str, chunks: Iterable[bytes]) -> None:
         """Store an entry; a DigestMismatchError from ``chunks`` propagates and stores nothing.
 
@@ -122,8 +136,7 @@ class BlobCache:
         except DigestMismatchError:
             raise
         except CocoonplanError as exc:
-            self._unwritable = True
-            _log.warning("warning: not caching in %s, going on without: %s", self.root, exc.summary)
+            self._give_up(exc)
 
     def get(self, digest: str, size: int | None = None, limit: int | None = None) -> bytes | None:
         """Return the verified bytes for ``digest``, or None when absent or corrupt (then deleted).
@@ -147,8 +160,27 @@ class BlobCache:
         verify_bytes(content, Verifier(digest, None, "cache entry", "content being cached"))
         self._write(self._entry(digest), [content])
 
-    def fill(self, descriptor: Descriptor, source: Path) -> None:
-        """Store the blob in the file ``source``, verified again as it is copied."""
+    def adopt(self, descriptor: Descriptor, source: Path) -> None:
+        """Store the file ``source``, which its caller has just verified, as the entry: hard-linked,
+        neither copied nor hashed again, where the file system allows; else copied, verified
+        again as it is copied."""
+        if self._unwritable:
+            return
+        try:
+            opened = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return  # not there to cache: the caller's file, its caller's to report
+        try:
+            with link_writer(opened, self.root, self._entry(descriptor.digest)):
+                pass
+            return
+        except NotLinkableError:
+            pass
+        except CocoonplanError as exc:
+            self._give_up(exc)
+            return
+        finally:
+            os.close(opened)
         verifier = Verifier(descriptor.digest, descriptor.size, "cache entry", f"file {source}")
         self._write(self._entry(descriptor.digest), _verified(read_chunks(source), verifier))
 
@@ -183,25 +215,38 @@ class BlobCache:
             self._drop(name)
             raise
 
-    def copy_to(self, descriptor: Descriptor, dest: Path) -> bool:
-        """Copy the entry to ``dest`` (written with :mod:`cocoonplan.atomic`), verifying it on the way.
+    def hand_off(self, descriptor: Descriptor, dest: Path) -> Placed | None:
+        """Place the entry at ``dest`` (as :mod:`cocoonplan.atomic` places files), hashed once on
+        the way: hard-linked where the file system allows, else copied.
 
-        Return False when there is no entry, or when it fails verification (it is then deleted
-        and ``dest`` is left untouched).
+        None when there is no entry, or when it fails verification (it is then deleted and
+        ``dest`` is left untouched).
         """
         name = self._entry(descriptor.digest)
         source = self._open(name)
         if source is None:
-            return False
+            return None
         verifier = Verifier(descriptor.digest, descriptor.size, "cache entry", f"cache {self.root}")
         try:
-            with source, atomic_writer(dest.parent, dest.name) as out:
-                for chunk in _verified(iter(partial(source.read, CHUNK_SIZE), b""), verifier):
-                    out.write(chunk)
+            with source:
+                if os.fstat(source.fileno()).st_size != descriptor.size:
+                    raise DigestMismatchError("a cache entry of another size")  # not worth hashing
+                try:
+                    with link_writer(source.fileno(), dest.parent, dest.name):
+                        # Hashed through the descriptor the link was made from: exactly the linked bytes.
+                        for chunk in iter(partial(source.read, CHUNK_SIZE), b""):
+                            verifier.update(chunk)
+                        verifier.finish()
+                    return Placed.LINKED
+                except NotLinkableError:
+                    source.seek(0)
+                with atomic_writer(dest.parent, dest.name) as out:
+                    for chunk in _verified(iter(partial(source.read, CHUNK_SIZE), b""), verifier):
+                        out.write(chunk)
+                return Placed.COPIED
         except DigestMismatchError:
             self._drop(name)
-            return False
-        return True
+            return None
 
     def remember_media_type(self, digest: str, media_type: str) -> None:
         """Record the Content-Type a manifest without its own ``mediaType`` was served with."""
@@ -254,11 +299,13 @@ class CachingStore:
         return content
 
     def download_blob(self, repository: str, descriptor: Descriptor, dest: Path) -> None:
-        """Copy a blob to ``dest`` from the cache, downloading it into the cache first when missing."""
-        if self.cache.copy_to(descriptor, dest):
+        """Place a blob at ``dest`` from the cache; when missing, download it there (verified by the
+        inner store) and cache that file. Each byte is written and hashed once where the file
+        system can hard-link between the two."""
+        if self.cache.hand_off(descriptor, dest) is not None:
             return
         self.inner.download_blob(repository, descriptor, dest)
-        self.cache.fill(descriptor, dest)
+        self.cache.adopt(descriptor, dest)
 
     def open_blob(
         self, repository: str, descriptor: Descriptor, offset: int = 0

@@ -8,7 +8,6 @@ built as data and never templated.
 
 from __future__ import annotations
 
-import copy
 import json
 import posixpath
 from collections.abc import Sequence
@@ -395,7 +394,9 @@ def patch_clone_config(
     objects it re-encodes as maps (each disk, ``cpus``, ``memory``, a pre-existing
     ``balloon``) sorted too.
     """
-    config = copy.deepcopy(source)
+    # Shallow: every value patched below is replaced by a new object, never changed in place,
+    # so the snapshot's config (shared by every clone of it) stays as it was read.
+    config = dict(source)
     source_disks = config.get("disks") or []
     if len(source_disks) != len(disks):
         # check_snapshot_layers has already refused this; cocoon refuses it too (§8.6).

@@ -39,8 +39,9 @@ def check_host_cpus(vm: str, cpu: int, host_cpus: int) -> None:
 
 def layer_blobs(layers: Iterable[BlobRef], present: frozenset[str]) -> list[PlannedBlob]:
     """Image layers to fetch; a layer whose EROFS conversion is on the node is present."""
+    # Built without validation: every value comes from a validated BlobRef of the same types.
     return [
-        PlannedBlob(
+        PlannedBlob.model_construct(
             digest=ref.digest,
             size=ref.size,
             media_type=ref.media_type,
@@ -55,7 +56,9 @@ def layer_blobs(layers: Iterable[BlobRef], present: frozenset[str]) -> list[Plan
 def planned_disk(index: int, disk: StorageConfig, digest: str | None, size: int | None = None) -> PlannedDisk:
     """One disk in the plan's terms: cocoon's StorageConfig, the blob it is made from (None when
     created empty) and, for a data disk cocoon creates, its size."""
-    return PlannedDisk(
+    # Built without validation: the disk is a validated StorageConfig of the same field types,
+    # ``digest`` a layer digest the planner made from checked hexes.
+    return PlannedDisk.model_construct(
         index=index,
         serial=disk.serial,
         role=disk.role,

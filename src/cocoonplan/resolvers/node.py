@@ -37,6 +37,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from cocoonplan.bounded import InputLimitError, loads_written_by_go
 from cocoonplan.cocoon import MetadataEngine, SnapshotMeta
+from cocoonplan.defaults import DEFAULT_ROOT_DIR as DEFAULT_ROOT_DIR  # re-exported
 from cocoonplan.errors import StateError
 from cocoonplan.model import Digest, Model, sha256_digest
 from cocoonplan.nodefs import Cap, Listing, Tree, describe
@@ -64,7 +65,6 @@ from cocoonplan.resolvers.metastore import (
     read_metadata,
 )
 
-DEFAULT_ROOT_DIR = "/var/lib/cocoon"
 STATE_KIND = "cocoonplan/node-state"
 BLOBS_DIR = "oci/blobs"
 BOOT_DIR = "oci/boot"

@@ -12,9 +12,11 @@ entry serves nodes of every architecture.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 
-from cocoonplan.errors import LockError
+from cocoonplan.errors import CocoonplanError, LockError
 from cocoonplan.lock import LockFile
 from cocoonplan.oci.reference import parse_reference
 from cocoonplan.planner.model import LockChange
@@ -34,6 +36,21 @@ class Pinner:
     update: bool = False
     changes: dict[str, LockChange] = field(default_factory=dict)
     _pins: dict[str, PinnedRef] = field(default_factory=dict)
+    _lookups: dict[str, Future[str]] = field(default_factory=dict)
+
+    def look_up(self, originals: Iterable[str], pool: Executor) -> None:
+        """Start asking the source for the digest of every tag among ``originals`` (each once),
+        in ``pool``, so that a run's tag lookups overlap; :meth:`pin` takes the answers, in the
+        order it is asked, so lock changes keep the order of the specs."""
+        for original in originals:
+            if original in self._lookups:
+                continue
+            try:
+                ref = parse_reference(original)
+            except CocoonplanError:
+                continue  # pin raises it, for the VM that names it
+            if ref.digest is None:
+                self._lookups[original] = pool.submit(self.content.digest, ref)
 
     def pin(self, original: str) -> PinnedRef:
         """The digest ``original`` stands for in this plan."""
@@ -56,7 +73,8 @@ class Pinner:
 
     def _pin_tag(self, original: str) -> PinnedRef:
         entry = self.lock.find(original)
-        current = self.content.digest(parse_reference(original))
+        lookup = self._lookups.get(original)
+        current = lookup.result() if lookup else self.content.digest(parse_reference(original))
         if entry is None:
             if self.locked:
                 raise LockError(

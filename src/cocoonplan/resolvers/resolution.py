@@ -9,8 +9,10 @@ and apply's post-apply proof re-plans through the same stage.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
 
 from cocoonplan.cocoon import BOOT_PATH
@@ -19,7 +21,7 @@ from cocoonplan.errors import CocoonplanError, LockError, StateError
 from cocoonplan.lock import LockFile
 from cocoonplan.model import NAME_PATTERN, Model
 from cocoonplan.observed import NodeState, ObservedVM
-from cocoonplan.oci.reference import parse_reference
+from cocoonplan.oci.reference import Reference, parse_reference
 from cocoonplan.oci.sources import Sources
 from cocoonplan.planner import PlanInput
 from cocoonplan.planner.model import Diagnostic, LockChange
@@ -43,6 +45,10 @@ from cocoonplan.resolvers.pins import Pinner
 from cocoonplan.resolvers.release import node_release
 from cocoonplan.resolvers.snapshot import resolve_snapshot
 from cocoonplan.spec import LoadedSpec
+
+FETCHES_AT_ONCE = 8
+"""Registry fetches a plan has in flight at once (tag lookups, snapshot resolutions): enough
+to hide a WAN's latency behind one another, few enough for any registry's rate limits."""
 
 
 class Resolution(Model):
@@ -99,15 +105,21 @@ def resolve(
     )
     inputs: list[PlanInput] = []
     errors: list[Diagnostic] = []
-    for loaded in [] if refresh_only else specs:
-        node = loaded.spec.spec.node
-        settings = context.project.nodes[node]
-        try:
-            resolved = resolve_vm(loaded, content, pinner, scanner, states[node], settings.arch)
-        except CocoonplanError as exc:
-            errors.append(Diagnostic.from_error(exc, vm=loaded.spec.name, file=loaded.file))
-            continue
-        inputs.append(PlanInput(loaded=loaded, resolved=resolved, node=settings))
+    planned = [] if refresh_only else specs
+    with ThreadPoolExecutor(max_workers=FETCHES_AT_ONCE, thread_name_prefix="cocoonplan-resolve") as pool:
+        snapshots = Snapshots(content, pool)
+        start_fetching(planned, context.project, pinner, snapshots, pool)
+        for loaded in planned:
+            node = loaded.spec.spec.node
+            settings = context.project.nodes[node]
+            try:
+                resolved = resolve_vm(
+                    loaded, content, pinner, scanner, states[node], settings.arch, snapshots
+                )
+            except CocoonplanError as exc:
+                errors.append(Diagnostic.from_error(exc, vm=loaded.spec.name, file=loaded.file))
+                continue
+            inputs.append(PlanInput(loaded=loaded, resolved=resolved, node=settings))
     if any(expects_files(item) for item in inputs):
         inputs = gather_files(inputs, states, scanner, roots or {})
     views, warnings = node_views(dict(states), content, networks, releases, context.project)
@@ -118,6 +130,49 @@ def resolve(
         errors=tuple(errors),
         warnings=tuple(warnings),
     )
+
+
+class Snapshots:
+    """Each snapshot of a run resolved once, by pinned reference, label and platform: a
+    thousand specs of ten snapshots read ten snapshots. Resolutions run in ``pool``, several
+    at once; a failure is raised again for every VM that names the snapshot."""
+
+    def __init__(self, content: Content, pool: Executor) -> None:
+        self._content = content
+        self._pool = pool
+        self._resolving: dict[tuple[Reference, str, Arch], Future[ResolvedSnapshot]] = {}
+
+    def start(self, ref: Reference, label: str, arch: Arch) -> Future[ResolvedSnapshot]:
+        """The resolution of snapshot ``ref`` (pinned by digest), started when it is not yet."""
+        key = (ref, label, arch)
+        resolving = self._resolving.get(key)
+        if resolving is None:
+            resolving = self._pool.submit(resolve_snapshot, self._content, ref, label, arch)
+            self._resolving[key] = resolving
+        return resolving
+
+    def get(self, ref: Reference, label: str, arch: Arch) -> ResolvedSnapshot:
+        """The resolved snapshot ``ref``, waiting for it; raises what resolving it raised."""
+        return self.start(ref, label, arch).result()
+
+
+def start_fetching(
+    specs: Sequence[LoadedSpec], project: Project, pinner: Pinner, snapshots: Snapshots, pool: Executor
+) -> None:
+    """Start every registry fetch the specs need that does not wait on another: each tag's
+    lookup, then each snapshot's resolution once its tag is pinned. Pins are taken in the
+    order :func:`resolve_vm` takes them (source, then expected base), so lock changes keep it;
+    a failure is left for :func:`resolve_vm` to raise for its VM."""
+    pinner.look_up((s.spec.spec.snapshot or s.spec.spec.image or "" for s in specs), pool)
+    for loaded in specs:
+        body = loaded.spec.spec
+        with contextlib.suppress(CocoonplanError):
+            source = pinner.pin(body.snapshot or body.image or "")
+            if body.snapshot is not None:
+                ref = parse_reference(source.ref).with_digest(source.digest)
+                snapshots.start(ref, source.ref, project.nodes[body.node].arch)
+            if body.expect and body.expect.base_image:
+                pinner.pin(body.expect.base_image)
 
 
 def state_overrides(
@@ -299,6 +354,7 @@ def resolve_vm(
     scanner: LayerScanner,
     state: NodeState | None,
     arch: Arch,
+    snapshots: Snapshots,
 ) -> ResolvedVM:
     body = loaded.spec.spec
     source = pinner.pin(body.snapshot or body.image or "")
@@ -309,7 +365,7 @@ def resolve_vm(
         pinner.pin_platform(body.expect.base_image, arch) if body.expect and body.expect.base_image else None
     )
     if body.snapshot is not None:
-        snapshot = resolve_snapshot(content, ref, source.ref, arch)
+        snapshot = snapshots.get(ref, source.ref, arch)
         check_locked_base(pinner, source, snapshot.config.image_digest)
         return ResolvedVM(
             snapshot=snapshot,
