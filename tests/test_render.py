@@ -10,8 +10,11 @@ from typing import Any
 import pytest
 
 from clirunner import copy_examples, run_cli
+from cocoonplan.model import sha256_digest
+from cocoonplan.planner.model import Plan
 from cocoonplan.render import render_human, render_markdown, render_markdown_parts
 from cocoonplan.render.changes import all_lines, disk_lines, fact_lines
+from cocoonplan.render.document import json_chunks
 
 
 @pytest.fixture(scope="module")
@@ -167,3 +170,21 @@ def test_one_block_too_large_for_a_comment_is_cut_with_its_code_block_closed(
     assert all(len(part) <= 60_000 for part in parts)
     assert any("cut here" in part for part in parts)
     assert all(part.count("```") % 2 == 0 for part in parts)
+
+
+def test_the_json_is_written_vm_by_vm_as_one_dump_would_write_it(document: dict[str, Any]) -> None:
+    many = Plan.model_validate(_many(document, 30))
+    assert (
+        "".join(json_chunks(many))
+        == json.dumps(many.model_dump(mode="json", by_alias=True), indent=2, ensure_ascii=False) + "\n"
+    )
+    empty = many.model_copy(update={"vms": ()})
+    assert (
+        "".join(json_chunks(empty))
+        == json.dumps(empty.model_dump(mode="json", by_alias=True), indent=2, ensure_ascii=False) + "\n"
+    )
+    # The digest, hashed VM by VM, is the one over the whole compact document, vms last.
+    whole = many.model_dump(mode="json", by_alias=True, exclude={"digest"})
+    whole["vms"] = whole.pop("vms")
+    compact = json.dumps(whole, separators=(",", ":"), ensure_ascii=False)
+    assert many.content_digest() == sha256_digest(compact.encode())

@@ -188,21 +188,18 @@ def _print_plan(
     markdown_dir: Path | None = None,
 ) -> None:
     from cocoonplan.comments import write_comments
-    from cocoonplan.render import (
-        plan_document,
-        render_human,
-        render_json,
-        render_markdown,
-        render_markdown_parts,
-    )
+    from cocoonplan.render import plan_document, render_human, render_markdown, render_markdown_parts
+    from cocoonplan.render.document import json_chunks
     from cocoonplan.render.escape import plain
 
-    document = plan_document(plan)
     if as_json:
-        sys.stdout.write(render_json(document))
-    elif as_markdown:
+        sys.stdout.writelines(json_chunks(plan))  # never the whole document in memory
+        if markdown_dir is None:
+            return
+    document = plan_document(plan)
+    if as_markdown:
         sys.stdout.write(render_markdown(document))
-    else:
+    elif not as_json:
         sys.stdout.write(render_human(document, verbose=verbose, color=_colour(no_color)))
     if markdown_dir is not None:
         for line in write_comments(render_markdown_parts(document), _here(markdown_dir)):

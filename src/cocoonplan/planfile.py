@@ -6,11 +6,11 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from cocoonplan.atomic import write_atomic
+from cocoonplan.atomic import atomic_writer
 from cocoonplan.bounded import InputLimitError, loads, read_limited
 from cocoonplan.errors import PlanFormatError
 from cocoonplan.planner.model import FORMAT_VERSION, Plan
-from cocoonplan.render.document import plan_document, render_json
+from cocoonplan.render.document import json_chunks
 
 MAX_PLAN_BYTES = 64 << 20
 """Largest plan file read: about 25 KiB a VM, so room for thousands of VMs."""
@@ -18,7 +18,9 @@ MAX_PLAN_BYTES = 64 << 20
 
 def write_plan(plan: Plan, path: Path) -> None:
     """Write the plan document, atomically and never through a link (:mod:`cocoonplan.atomic`)."""
-    write_atomic(path.parent, path.name, render_json(plan_document(plan)))
+    with atomic_writer(path.parent, path.name) as out:
+        for chunk in json_chunks(plan):
+            out.write(chunk.encode())
 
 
 def read_plan(path: Path) -> Plan:

@@ -7,6 +7,8 @@ snapshot's ``config.json`` is patched exactly where cocoon patches it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from cocoonplan.cocoon import (
     BOOT_PATH,
     DEFAULT_QUEUE_SIZE,
@@ -172,6 +174,28 @@ def _boot_file(
     return PlannedBootFile(path=match.group(0), layer=f"sha256:{hex_}", present=present)
 
 
+def _clone_blobs(
+    snapshot: ResolvedSnapshot, hexes: Sequence[str], present: frozenset[str]
+) -> tuple[PlannedBlob, ...]:
+    """The base image's layers the clone runs on, then every file of the snapshot artifact."""
+    assert snapshot.base_image is not None  # check_snapshot_layers refuses a snapshot without one
+    by_digest = {layer.digest: layer for layer in snapshot.base_image.layers}
+    layers = layer_blobs((by_digest[f"sha256:{h}"] for h in hexes), present)
+    files = [
+        PlannedBlob(
+            digest=f.digest,
+            size=f.size,
+            media_type=f.media_type,
+            source=f.source,
+            present=False,
+            kind=BlobKind.SNAPSHOT_FILE if f.title else BlobKind.SNAPSHOT_CONFIG,
+            title=f.title,
+        )
+        for f in (snapshot.config_blob, *snapshot.files)
+    ]
+    return (*layers, *files)
+
+
 def plan_clone(loaded: LoadedSpec, resolved: ResolvedVM, target: Target, identity: Identity) -> DesiredVM:
     """The VM a clone of the resolved snapshot gives; raises LayerMismatchError when its layer
     records disagree, PlanError when cocoon would refuse the clone on this node."""
@@ -180,8 +204,12 @@ def plan_clone(loaded: LoadedSpec, resolved: ResolvedVM, target: Target, identit
     body = spec.spec
     snapshot = resolved.snapshot
     assert snapshot is not None
-    hexes = check_snapshot_layers(snapshot, resolved.expected_base, node.root_dir, spec.name)
-    _check_files(snapshot, spec.name)
+    checked = (snapshot.pinned.digest, resolved.expected_base, node.root_dir)
+    if checked not in target.memo.layers:  # a failed check is raised again for every VM
+        hexes = check_snapshot_layers(snapshot, resolved.expected_base, node.root_dir, spec.name)
+        _check_files(snapshot, spec.name)
+        target.memo.layers[checked] = hexes
+    hexes = target.memo.layers[checked]
     recorded = snapshot.config
     local = local_snapshot(snapshot, state)
     run_dir = vm_run_dir(node.effective_run_dir, identity.vm_id)
@@ -213,20 +241,10 @@ def plan_clone(loaded: LoadedSpec, resolved: ResolvedVM, target: Target, identit
         _boot_file(spec.name, payload.get("kernel"), "kernel", node, state, kernel_layer),
         _boot_file(spec.name, payload.get("initramfs"), "initrd", node, state, initrd_layer),
     )
-    by_digest = {layer.digest: layer for layer in base.layers}
-    blobs = layer_blobs((by_digest[f"sha256:{h}"] for h in hexes), resolved.present_blobs)
-    blobs += [
-        PlannedBlob(
-            digest=f.digest,
-            size=f.size,
-            media_type=f.media_type,
-            source=f.source,
-            present=False,
-            kind=BlobKind.SNAPSHOT_FILE if f.title else BlobKind.SNAPSHOT_CONFIG,
-            title=f.title,
-        )
-        for f in (snapshot.config_blob, *snapshot.files)
-    ]
+    fetched = (snapshot.pinned.digest, resolved.present_blobs)
+    if fetched not in target.memo.blobs:
+        target.memo.blobs[fetched] = _clone_blobs(snapshot, hexes, resolved.present_blobs)
+    blobs = target.memo.blobs[fetched]
     digests = [
         f"sha256:{hexes[i]}" if d.role is DiskRole.LAYER else _file_digest(snapshot, d)
         for i, d in enumerate(sources)
@@ -246,7 +264,7 @@ def plan_clone(loaded: LoadedSpec, resolved: ResolvedVM, target: Target, identit
         nics=len(identity.nics),
         network=body.network or recorded.network or target.default_network or "",
         interfaces=planned_nics(identity.nics, tuning),
-        blobs=tuple(blobs),
+        blobs=blobs,
         disks=planned_disks(disks, digests),
         boot_files=boot_files,
         local_snapshot=LocalSnapshot(id=local.id, name=local.name) if local else None,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Hashable, Mapping, Sequence
+from typing import Any
 
 from cocoonplan.cocoon import DiskRole
 from cocoonplan.errors import CocoonplanError, PlanError
@@ -31,8 +32,8 @@ from cocoonplan.planner.model import (
     Summary,
     VMPlan,
 )
-from cocoonplan.planner.parts import Target
-from cocoonplan.planner.provisional import mark_host_chosen, mark_provisional
+from cocoonplan.planner.parts import Memo, Target
+from cocoonplan.planner.provisional import mark_host_chosen, mark_provisional, provisional_paths
 from cocoonplan.planner.rules import rules_for
 from cocoonplan.planner.run import plan_run, run_nic_count
 from cocoonplan.project import NodeConfig
@@ -54,11 +55,17 @@ def nic_count(item: PlanInput) -> int:
     return clone_nic_count(item.loaded, snapshot) if snapshot else run_nic_count(item.loaded)
 
 
-def compile_vm(item: PlanInput, identity: Identity, view: NodeView) -> DesiredVM:
+def compile_vm(item: PlanInput, identity: Identity, view: NodeView, memo: Memo | None = None) -> DesiredVM:
     """The desired VM of one spec under ``identity``; raises PlanError."""
     resolved = item.resolved
     rules = rules_for(view)
-    target = Target(node=item.node, rules=rules, state=view.state, default_network=view.default_network)
+    target = Target(
+        node=item.node,
+        rules=rules,
+        state=view.state,
+        default_network=view.default_network,
+        memo=memo or Memo(),
+    )
     if resolved.snapshot is not None:
         planned = plan_clone(item.loaded, resolved, target, identity)
     else:
@@ -69,11 +76,32 @@ def compile_vm(item: PlanInput, identity: Identity, view: NodeView) -> DesiredVM
     return mark_host_chosen(planned.model_copy(update={"files": files}), rules)
 
 
-def fresh_vm(item: PlanInput, view: NodeView) -> DesiredVM:
-    """The VM as cocoon would create it now, with every value cocoon draws marked provisional."""
+def _shape(item: PlanInput, view: NodeView) -> Hashable:
+    source = item.resolved.snapshot or item.resolved.image
+    return (view.name, item.loaded.spec.spec, source.pinned.digest if source else None)
+
+
+def fresh_vm(item: PlanInput, view: NodeView, memo: Memo | None = None) -> DesiredVM:
+    """The VM as cocoon would create it now, with every value cocoon draws marked provisional.
+
+    Which values cocoon draws depends on what the VM is made of (its spec but its name, its
+    source, its node), never on its name: VMs of one shape are compiled under a second
+    identity once per plan, not once each.
+    """
+    memo = memo or Memo()
     name, node, nics = item.loaded.spec.name, view.name, nic_count(item)
-    planned = compile_vm(item, fresh_identity(node, name, nics), view)
-    return mark_provisional(planned, compile_vm(item, fresh_identity(node, name, nics, draw=1), view))
+    planned = compile_vm(item, fresh_identity(node, name, nics), view, memo)
+    key = _shape(item, view)
+    if key not in memo.provisional:
+        other = compile_vm(item, fresh_identity(node, name, nics, draw=1), view, memo)
+        memo.provisional[key] = provisional_paths(planned, other)
+    return mark_provisional(planned, memo.provisional[key])
+
+
+def _decided(desired: DesiredVM, **decision: Any) -> VMPlan:
+    """``desired`` with the planner's decision: built from values the planner made and
+    validated already, so not validated again (a plan of thousands of VMs spends its time there)."""
+    return VMPlan.model_construct(**dict(desired), **decision)
 
 
 def _fetch_bytes(desired: DesiredVM) -> int:
@@ -170,16 +198,16 @@ def _started(desired: DesiredVM, running: ObservedVM, view: NodeView) -> Desired
     )
 
 
-def plan_vm(item: PlanInput, view: NodeView) -> VMPlan:
+def plan_vm(item: PlanInput, view: NodeView, memo: Memo | None = None) -> VMPlan:
     """Compare a desired VM with the node: create, replace, start, stop, no-op or unknown.
 
     A VM that stays keeps its identity (ID, NICs, paths) so that only real differences show;
     a VM created or replaced gets a fresh, provisional one, as cocoon will draw a new one.
     """
     if view.state is None:
-        desired = fresh_vm(item, view)
-        return VMPlan(
-            **desired.model_dump(),
+        desired = fresh_vm(item, view, memo)
+        return _decided(
+            desired,
             action=Action.UNKNOWN,
             action_reason=ActionReason.UNKNOWN_BECAUSE_NODE_STATE_UNKNOWN,
             reason=f"the state of node {view.name} is not known, so whether this VM exists is not known",
@@ -187,15 +215,15 @@ def plan_vm(item: PlanInput, view: NodeView) -> VMPlan:
         )
     running = view.state.vm_named(item.loaded.spec.name)
     if running is None:
-        desired = fresh_vm(item, view)
-        return VMPlan(
-            **desired.model_dump(),
+        desired = fresh_vm(item, view, memo)
+        return _decided(
+            desired,
             action=Action.CREATE,
             action_reason=ActionReason.CREATE_BECAUSE_ABSENT,
             reason="no VM of this name is on the node",
             fetch_bytes=_fetch_bytes(desired),
         )
-    kept = compile_vm(item, kept_identity(running, nic_count(item)), view)
+    kept = compile_vm(item, kept_identity(running, nic_count(item)), view, memo)
     node_launch = record_launch(running, view.settings, rules_for(view))
     changes = diff_vm(kept, running, node_launch)
     drift = drift_of(running, view)
@@ -207,12 +235,12 @@ def plan_vm(item: PlanInput, view: NodeView) -> VMPlan:
     }
     if changes:
         paths = replace_paths(changes)
-        desired = fresh_vm(item, view)
+        desired = fresh_vm(item, view, memo)
         # Which fields differ is decided with the identity held (a new ID is no difference of
         # its own); what they become is what the replacement will have.
         planned = {change.path: change for change in diff_vm(desired, running, node_launch)}
-        return VMPlan(
-            **desired.model_dump(),
+        return _decided(
+            desired,
             action=Action.REPLACE,
             action_reason=(why := replace_reason(paths, drift)),
             reason=replace_sentence(why, changes),
@@ -230,9 +258,7 @@ def plan_vm(item: PlanInput, view: NodeView) -> VMPlan:
     action, why, reason = power_action(running.state, kept.state)
     if action is Action.START:
         kept = _started(kept, running, view)
-    return VMPlan(
-        **kept.model_dump(), action=action, action_reason=why, reason=reason, fetch_bytes=0, **observed
-    )
+    return _decided(kept, action=action, action_reason=why, reason=reason, fetch_bytes=0, **observed)
 
 
 def _observed_source(vm: ObservedVM) -> tuple[PinnedRef | None, PinnedRef | None]:
@@ -439,6 +465,7 @@ def make_plan(
     did not create to plan as if it had (``cocoonplan import``), when their spec's mode fits.
     """
     vms: list[VMPlan] = []
+    memo = Memo()
     diagnostics = list(errors)
     notes = list(warnings)
     defined: dict[str, set[str]] = {name: set() for name in nodes}
@@ -456,7 +483,7 @@ def make_plan(
             foreign = _foreign(item, view, adopting)
             if foreign is not None:
                 raise foreign
-            vms.append(plan_vm(item, view))
+            vms.append(plan_vm(item, view, memo))
         except CocoonplanError as exc:
             diagnostics.append(Diagnostic.from_error(exc, vm=spec.name, file=item.loaded.file))
     if refresh_only:

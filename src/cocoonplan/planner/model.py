@@ -6,6 +6,7 @@ Apply (a later capability) executes exactly what a plan says. Fields documented 
 
 from __future__ import annotations
 
+import hashlib
 from enum import StrEnum
 from typing import Any
 
@@ -13,7 +14,7 @@ from pydantic import AliasChoices, Field
 
 from cocoonplan.cocoon import DiskRole
 from cocoonplan.errors import CocoonplanError
-from cocoonplan.model import Digest, Mode, Model, canonical_json, sha256_digest
+from cocoonplan.model import Digest, Mode, Model
 from cocoonplan.observed import NicAddress
 from cocoonplan.project import HypervisorBuild
 from cocoonplan.releases import CocoonVersion
@@ -516,5 +517,13 @@ class Plan(Model):
         )
 
     def content_digest(self) -> str:
-        """The digest this plan must carry: over everything but ``digest`` itself."""
-        return sha256_digest(canonical_json(self.model_dump(mode="json", by_alias=True, exclude={"digest"})))
+        """The digest this plan must carry: sha256 of the compact JSON of everything but
+        ``digest`` itself, keys in the models' order (which a reader re-validating the document
+        reproduces) with ``vms`` last, hashed VM by VM so that the document is never whole in
+        memory."""
+        head = self.model_dump_json(by_alias=True, exclude={"digest", "vms"})
+        hasher = hashlib.sha256(head[:-1].encode() + b',"vms":[')
+        for at, vm in enumerate(self.vms):
+            hasher.update((b"," if at else b"") + vm.model_dump_json(by_alias=True).encode())
+        hasher.update(b"]}")
+        return "sha256:" + hasher.hexdigest()

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from cocoonplan.cocoon import StorageConfig
 from cocoonplan.errors import PlanError
@@ -17,6 +17,20 @@ from cocoonplan.project import NodeConfig
 from cocoonplan.resolved import BlobRef
 
 
+@dataclass
+class Memo:
+    """What many VMs of one plan share, computed once per plan: each entry is a pure function
+    of content-addressed inputs (a snapshot's digest, a node), so a plan of a thousand VMs over
+    ten snapshots checks each snapshot once, not a thousand times."""
+
+    provisional: dict[Hashable, tuple[str, ...]] = field(default_factory=dict)
+    """Provisional paths by VM shape (see ``compile.fresh_vm``)."""
+    layers: dict[Hashable, tuple[str, ...]] = field(default_factory=dict)
+    """A snapshot's checked layer hexes, by snapshot digest, expected base and root dir."""
+    blobs: dict[Hashable, tuple[PlannedBlob, ...]] = field(default_factory=dict)
+    """A clone's planned blobs, by snapshot digest and the node's present layers."""
+
+
 @dataclass(frozen=True)
 class Target:
     """The node a VM is planned for, as the clone and run planners need it."""
@@ -26,6 +40,7 @@ class Target:
     state: NodeState | None
     """None when the node's state is not known: nothing is present, nothing is missing."""
     default_network: str | None
+    memo: Memo = field(default_factory=Memo, compare=False)
 
 
 def check_host_cpus(vm: str, cpu: int, host_cpus: int) -> None:

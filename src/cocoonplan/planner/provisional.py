@@ -69,11 +69,11 @@ def provisional_paths(one: DesiredVM, other: DesiredVM) -> tuple[str, ...]:
     return tuple(sorted(paths, key=_order))
 
 
-def mark_provisional(one: DesiredVM, other: DesiredVM) -> DesiredVM:
-    """``one`` with its provisional paths and, when it has NICs, the note on their addresses."""
+def mark_provisional(one: DesiredVM, paths: tuple[str, ...]) -> DesiredVM:
+    """``one`` with its provisional ``paths`` and, when it has NICs, the note on their addresses."""
     notes = one.notes + ((ADDRESS_NOTE,) if one.interfaces else ())
-    paths = (*provisional_paths(one, other), *one.provisional)
-    return one.model_copy(update={"provisional": tuple(sorted(set(paths), key=_order)), "notes": notes})
+    merged = (*paths, *one.provisional)
+    return one.model_copy(update={"provisional": tuple(sorted(set(merged), key=_order)), "notes": notes})
 
 
 def mark_host_chosen(vm: DesiredVM, rules: Rules) -> DesiredVM:
