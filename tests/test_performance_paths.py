@@ -59,3 +59,21 @@ def test_a_snapshot_named_by_many_specs_is_resolved_once(
     names = {vm["name"] for vm in json.loads(result.stdout)["vms"]}
     assert {"agent-clone", *(f"clone-{n}" for n in range(5))} <= names
     assert len(calls) == 1
+
+
+def test_validate_loads_nothing_that_plans(tmp_path: Path) -> None:
+    project = copy_examples(tmp_path / "repo")
+    probe = (
+        "import json, os, sys\n"
+        "from cocoonplan.cli import main\n"
+        f"os.chdir({str(project)!r})\n"
+        "sys.argv = ['cocoonplan', 'validate', '.']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    loaded = set(json.loads(done.stdout.splitlines()[-1]))
+    assert "cocoonplan.context" in loaded and "cocoonplan.spec" in loaded
+    heavy = {"httpx", "jinja2", "deepdiff", "cocoonplan.api", "cocoonplan.planner", "cocoonplan.render.text"}
+    assert not heavy & loaded, heavy & loaded
+    assert "ok  agent-clone.yaml:" in done.stdout

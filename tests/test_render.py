@@ -12,9 +12,9 @@ import pytest
 from clirunner import copy_examples, run_cli
 from cocoonplan.model import sha256_digest
 from cocoonplan.planner.model import Plan
-from cocoonplan.render import render_human, render_markdown, render_markdown_parts
 from cocoonplan.render.changes import all_lines, disk_lines, fact_lines
 from cocoonplan.render.document import json_chunks
+from cocoonplan.render.text import render_human, render_markdown, render_markdown_parts
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,9 @@ from markdown_it.token import Token
 
 from clirunner import copy_examples, run_cli, vm_entry
 from cocoonplan.planner.model import Plan
-from cocoonplan.render import plan_document, render_json, render_markdown_parts
+from cocoonplan.render.document import plan_document, render_json
 from cocoonplan.render.escape import code, fence, html, md, plain, plain_lines
+from cocoonplan.render.text import render_markdown_parts
 
 PARSER = MarkdownIt("commonmark").enable(["table", "strikethrough"])
 

@@ -20,12 +20,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
-from pydantic import ValidationError
 
 from cocoonplan import __version__, defaults
 from cocoonplan.atomic import update_file
-from cocoonplan.context import ProjectContext
-from cocoonplan.document import read_documents
+from cocoonplan.context import ProjectContext, display_path, find_project, load_all
 from cocoonplan.errors import ApplyError, CocoonplanError, ProofError, SpecError, StateError
 from cocoonplan.executors.apply import NodeTarget, World, apply_node, check_fresh, record_adoption
 from cocoonplan.executors.blobs import BlobProgress
@@ -41,7 +39,7 @@ from cocoonplan.planner.compile import summarize
 from cocoonplan.planner.model import BlobKind, LockChange, VMPlan
 from cocoonplan.planner.rules import RULES
 from cocoonplan.planner.steps import CONTENT_STEPS, Step, compile_steps
-from cocoonplan.project import LOCK_FILE, PROJECT_FILE, NodeConfig, Project
+from cocoonplan.project import LOCK_FILE, NodeConfig
 from cocoonplan.proof.boot import prove
 from cocoonplan.proof.host import KERNEL_ROOT_VARIABLE, KvmMode, choose_machine, missing_prerequisites
 from cocoonplan.proof.target import BootTarget, node_target, planned_target
@@ -60,8 +58,8 @@ from cocoonplan.resolvers.resolution import (
     state_overrides,
 )
 from cocoonplan.resolvers.snapshot import resolve_snapshot
-from cocoonplan.spec import Expectations, LoadedSpec
-from cocoonplan.specfile import check_unique, index_project, load_specs, spec_files
+from cocoonplan.spec import Expectations
+from cocoonplan.specfile import index_project
 
 TIMEOUT_VARIABLE = "COCOONPLAN_TIMEOUT"
 """Seconds, when no :attr:`Environment.timeout` is given."""
@@ -107,63 +105,9 @@ class Environment:
             yield client
 
 
-def _display(path: Path, base: Path) -> str:
-    try:
-        return path.resolve().relative_to(base).as_posix()
-    except ValueError:
-        return path.as_posix()
-
-
-def find_project(paths: Sequence[Path], cwd: Path) -> ProjectContext:
-    """Find the nearest ``cocoonplan.yaml`` at or above the given paths; all must share it."""
-    found: set[Path | None] = set()
-    for path in paths or [cwd]:
-        start = (cwd / path).resolve()
-        start = start if start.is_dir() else start.parent
-        found.add(
-            next((d / PROJECT_FILE for d in (start, *start.parents) if (d / PROJECT_FILE).is_file()), None)
-        )
-    if len(found) > 1:
-        raise CocoonplanError(
-            "the given paths belong to different projects: "
-            + ", ".join(sorted(str(f) if f else "(none)" for f in found)),
-            hint="plan one project at a time",
-        )
-    file = found.pop()
-    if file is None:
-        return ProjectContext(project=Project(), directory=cwd.resolve(), file=None)
-    return ProjectContext(
-        project=load_project(file, _display(file, cwd.resolve())), directory=file.parent, file=file
-    )
-
-
-def load_project(file: Path, display: str) -> Project:
-    """Read and validate a project file; errors name file:line:column."""
-    documents = read_documents(file, display)
-    if len(documents) != 1:
-        raise SpecError("a project file holds exactly one YAML document", file=display)
-    document = documents[0]
-    try:
-        return Project.model_validate(document.data)
-    except ValidationError as exc:
-        raise document.validation_error(exc) from exc
-
-
-def load_all(paths: Sequence[Path], environment: Environment) -> tuple[ProjectContext, list[LoadedSpec]]:
-    """Find the project and load every VM spec under ``paths`` (none: the working directory);
-    any invalid spec fails the whole call."""
-    paths = list(paths) or [Path()]
-    context = find_project(paths, environment.cwd)
-    specs: list[LoadedSpec] = []
-    for file in spec_files(paths, environment.cwd):
-        specs += load_specs(file, _display(file, context.directory), context.project.nodes)
-    check_unique(specs)
-    return context, specs
-
-
 def _lock_path(context: ProjectContext) -> tuple[Path, str]:
     path = context.directory / LOCK_FILE
-    return path, _display(path, context.directory)
+    return path, display_path(path, context.directory)
 
 
 def plan(
@@ -188,7 +132,7 @@ def plan(
     names nodes without state to plan as empty (otherwise their VMs are planned as unknown).
     ``adopting`` names (node, VM) pairs cocoonplan did not create to plan as if it had.
     """
-    context, specs = load_all(paths, environment)
+    context, specs = load_all(paths, environment.cwd)
     lock_path, lock_display = _lock_path(context)
     lock = read_lock(lock_path, lock_display)
     locations = node_locations(context, environment.cwd, roots, states)
@@ -211,7 +155,7 @@ def plan(
         nodes=resolution.nodes,
         tool_version=__version__,
         claimed={*index_project(context.directory).vms, *((s.spec.spec.node, s.spec.name) for s in specs)},
-        scope=[_display(environment.cwd / p, context.directory) for p in paths] or ["."],
+        scope=[display_path(environment.cwd / p, context.directory) for p in paths] or ["."],
         refresh_only=refresh_only,
         lock_changes=resolution.lock_changes,
         errors=resolution.errors,
@@ -236,7 +180,7 @@ def lock(paths: Sequence[Path], environment: Environment, *, update: bool = Fals
     Entries no spec anywhere in the project references any more are dropped (locking part of
     the project keeps the others'). Nothing is written when a reference fails.
     """
-    context, specs = load_all(paths, environment)
+    context, specs = load_all(paths, environment.cwd)
     lock_path, lock_display = _lock_path(context)
     old = read_lock(lock_path, lock_display)
     entries: dict[str, LockEntry] = {}
@@ -285,14 +229,9 @@ class Rendered:
 def render(paths: Sequence[Path], environment: Environment) -> Rendered:
     """Plan for ``render --dir``: the plan, and which other VMs' rendered files must be kept."""
     result = plan(paths, environment)
-    context, _ = load_all(paths, environment)
+    context, _ = load_all(paths, environment.cwd)
     planned = {(vm.node, vm.name) for vm in result.vms if vm.action is not Action.DELETE}
     return Rendered(plan=result, elsewhere=index_project(context.directory).vms - planned)
-
-
-def validate(paths: Sequence[Path], environment: Environment) -> list[LoadedSpec]:
-    """Validate every spec under ``paths`` offline; raises the first error found."""
-    return load_all(paths, environment)[1]
 
 
 def export_state(
@@ -458,7 +397,7 @@ def plan_import(
     define it, the node has no root reachable from here, the VM is missing or already owned,
     or the spec cannot make it (another mode, an error planning it)."""
     local = node_root(node, environment, roots)
-    _, specs = load_all([spec], environment)
+    _, specs = load_all([spec], environment.cwd)
     if not any(s.spec.spec.node == node and s.spec.name == name for s in specs):
         defined = ", ".join(sorted(f"{s.spec.spec.node}/{s.spec.name}" for s in specs)) or "no VM"
         raise SpecError(
@@ -602,7 +541,7 @@ def verify_boot(
             hint="each item says how to get it; scripts/test installs all of them",
         )
     machine = choose_machine(kvm)
-    context, specs = load_all(paths, environment)
+    context, specs = load_all(paths, environment.cwd)
     expected = {(s.spec.spec.node, s.spec.name): s.spec.spec.expect for s in specs}
     locations = node_locations(context, environment.cwd, roots, states)
     local_roots = root_directories(context, locations)

@@ -173,7 +173,8 @@ def _colour(no_color: bool) -> bool:
 
 
 def _human(plan: Plan, *, verbose: bool = False, no_color: bool = False) -> str:
-    from cocoonplan.render import plan_document, render_human
+    from cocoonplan.render.document import plan_document
+    from cocoonplan.render.text import render_human
 
     return render_human(plan_document(plan), verbose=verbose, color=_colour(no_color))
 
@@ -188,9 +189,9 @@ def _print_plan(
     markdown_dir: Path | None = None,
 ) -> None:
     from cocoonplan.comments import write_comments
-    from cocoonplan.render import plan_document, render_human, render_markdown, render_markdown_parts
-    from cocoonplan.render.document import json_chunks
+    from cocoonplan.render.document import json_chunks, plan_document
     from cocoonplan.render.escape import plain
+    from cocoonplan.render.text import render_human, render_markdown, render_markdown_parts
 
     if as_json:
         sys.stdout.writelines(json_chunks(plan))  # never the whole document in memory
@@ -221,11 +222,11 @@ def validate(
     ] = False,
 ) -> None:
     """Check specs and the project file offline; print one line per VM."""
-    from cocoonplan import api
+    from cocoonplan.context import load_all
     from cocoonplan.render.escape import plain
 
     try:
-        specs = api.validate(paths or [Path()], _environment())
+        _, specs = load_all(paths or [Path()], _cwd())
     except CocoonplanError as exc:
         raise _fail(exc) from exc
     if as_json:
@@ -407,8 +408,9 @@ def render(
     """Write each VM's config.json, disks.json and launch line for a GitOps repo."""
     from cocoonplan import api
     from cocoonplan.gitops import differences, write_tree
-    from cocoonplan.render import plan_document, render_human
+    from cocoonplan.render.document import plan_document
     from cocoonplan.render.escape import plain
+    from cocoonplan.render.text import render_human
 
     try:
         rendered = api.render(paths or [Path()], _environment())

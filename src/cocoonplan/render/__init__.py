@@ -1,6 +1,3 @@
-"""Renderers. All of them start from one document, :func:`plan_document`, so they cannot disagree."""
-
-from cocoonplan.render.document import plan_document, render_json
-from cocoonplan.render.text import render_human, render_markdown, render_markdown_parts
-
-__all__ = ["plan_document", "render_human", "render_json", "render_markdown", "render_markdown_parts"]
+"""Renderers. All of them start from one document (:func:`document.plan_document`), so they
+cannot disagree. The package imports nothing itself: ``render.escape`` is used by commands
+that must not load jinja2 and the templates."""
