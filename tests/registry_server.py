@@ -21,7 +21,6 @@ import base64
 import datetime
 import hashlib
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -31,13 +30,15 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import oras.client
 import oras.provider
 import pytest
+
+from needs import missing_tool
 
 REGISTRY_BIN = shutil.which("docker-registry") or shutil.which("registry")
 HTPASSWD_BIN = shutil.which("htpasswd")
@@ -58,14 +59,6 @@ storage:
   delete: {enabled: true}
 http: {addr: "127.0.0.1:%(port)d", secret: test-secret}
 %(auth)s"""
-
-
-def missing_tool(tool: str, package: str) -> NoReturn:
-    """Skip on a developer machine without ``tool``; fail in CI, which installs every tool."""
-    message = f"{tool} not installed (apt-get install {package})"
-    if os.environ.get("CI"):
-        pytest.fail(message + ": CI must install it (scripts/test does)")
-    pytest.skip(message)
 
 
 def free_port() -> int:

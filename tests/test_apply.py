@@ -5,7 +5,6 @@ layers converted with the real mkfs.erofs, then proven by planning again."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 from clirunner import copy_examples, plan_json, run_cli, tree, vm_entry
 from cocoon_emulator import install_shim
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="layer conversion keeps tar ownership: needs root")
+pytestmark = pytest.mark.usefixtures("erofs_as_root")
 
 
 def _listing(root: Path) -> dict[str, tuple[int, int]]:

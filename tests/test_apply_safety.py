@@ -33,7 +33,7 @@ from cocoonplan.cocoon import snapshot_import_name
 from cocoonplan.executors.blobs import STALE_TEMPORARY
 from cocoonplan.executors.lease import LEASE_FILE, hold
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="layer conversion keeps tar ownership: needs root")
+pytestmark = pytest.mark.usefixtures("erofs_as_root")
 
 ROOT_DIR = "/var/lib/cocoon"
 LAYOUT = "    layout: oci\n"

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from clirunner import run_cli
+from needs import missing_tool
 from ocifixture import (
     GIB,
     OCI_CONFIG,
@@ -26,7 +27,7 @@ from ocifixture import (
     snapshot,
     write_layout,
 )
-from registry_server import SKOPEO_BIN, RegistryServer, missing_tool
+from registry_server import SKOPEO_BIN, RegistryServer
 
 OS_TAG = "ghcr.io/x/os:multi"
 SNAP_TAG = "ghcr.io/x/snap:v1"

@@ -16,7 +16,6 @@ import json
 import os
 import random
 import re
-import shutil
 import stat
 import subprocess
 from collections.abc import Iterator
@@ -33,12 +32,10 @@ from cocoonplan.resolved import EntryKind, LayerEntry
 from cocoonplan.resolvers.erofs import ErofsImage
 from cocoonplan.resolvers.layerscan import scan_layer
 from filelayers import LAYERS, PATHS
+from needs import unavailable
 from ocifixture import Blob, directory, layer_of, opaque, regular
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("mkfs.erofs") is None or os.geteuid() != 0,
-    reason="needs erofs-utils and root (device nodes, trusted.* xattrs), as cocoon's conversion does",
-)
+pytestmark = pytest.mark.usefixtures("erofs_as_root")
 
 
 def _convert(root: Path, blob: Blob) -> Path:
@@ -128,7 +125,7 @@ def _overlay(node: Path, where: Path) -> Iterator[Path]:
             target.mkdir()
             image = node / "oci/blobs" / f"{blob.hex}.erofs"
             if subprocess.run(["mount", "-t", "erofs", "-o", "loop,ro", str(image), str(target)]).returncode:
-                pytest.skip("this machine cannot loop-mount an EROFS image")
+                unavailable("a loop mount of an EROFS image (root, the erofs module)")
             mounted.append(target)
         merged = where / "merged"
         merged.mkdir()
@@ -136,7 +133,7 @@ def _overlay(node: Path, where: Path) -> Iterator[Path]:
         if subprocess.run(
             ["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={lower}", str(merged)]
         ).returncode:
-            pytest.skip("this machine cannot mount overlayfs")
+            unavailable("an overlayfs mount (root, the overlay module)")
         mounted.append(merged)
         yield merged
     finally:

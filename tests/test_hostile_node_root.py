@@ -17,7 +17,6 @@ import os
 import shutil
 import stat
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from cocoonplan.errors import StateError
 from cocoonplan.nodefs import Cap, Listing
 from cocoonplan.observed import VM_CONFIG_KEYS, redact_credentials
 from cocoonplan.resolvers.node import load_state_document
+from needs import run_unprivileged, unavailable
 from ocifixture import NodeVM, Run, derive_id, image, layer, node_root
 
 SECRET = "FAKE-SECRET-c0c00n-7d1e"
@@ -79,19 +79,6 @@ def _listing(root: Path) -> dict[str, tuple[int, int, int]]:
     return found
 
 
-def _isolated(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    """The CLI in a child process: a hang fails the test instead of stalling it. As root, the
-    child runs without the capabilities that read any file, so permissions hold for it too."""
-    prefix: list[str] = []
-    if os.geteuid() == 0:
-        setpriv = shutil.which("setpriv")
-        if setpriv is None:
-            pytest.skip("root reads every file, and setpriv is not here to drop that")
-        prefix = [setpriv, "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search"]
-    command = [*prefix, sys.executable, "-m", "cocoonplan", *args]
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=60, check=False)
-
-
 def _assert_refused(
     result: Result | subprocess.CompletedProcess[str], exit_code: int, where: str, problem: str
 ) -> None:
@@ -108,7 +95,7 @@ def _refused_by_every_command(project: Path, where: str, problem: str, *, isolat
     before = _listing(project)
     for args in COMMANDS:
         if isolated:
-            child = _isolated(args, project)
+            child = run_unprivileged(args, project)
             _assert_refused(child, child.returncode, where, problem)
         else:
             result = run_cli(args, project)
@@ -251,7 +238,7 @@ def test_a_device_node_is_never_opened(project: Path, where: str) -> None:
     try:
         os.mknod(path, stat.S_IFCHR | 0o644, os.makedev(1, 5))  # /dev/zero's numbers
     except PermissionError:
-        pytest.skip("creating device nodes is not permitted here")
+        unavailable("permission to create a device node (root)")
     _refused_by_every_command(project, where, "is a character device, not a regular file")
 
 
@@ -336,7 +323,7 @@ def test_a_hostile_state_document_is_refused(
     make(path, outside)
     before = _listing(project)
     for args in COMMANDS[1:]:
-        child = _isolated(args, project)
+        child = run_unprivileged(args, project)
         # The CLI resolves the path it is given, so a link is named by its target.
         _assert_refused(child, child.returncode, str(path.resolve()), problem)
         assert _listing(project) == before

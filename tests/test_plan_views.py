@@ -204,3 +204,19 @@ def test_a_thousand_vm_project_splits_into_comments_under_github_s_limit(tmp_pat
     whole = "".join(texts)
     assert all(f"<b>vm-{number:04}</b>" in whole for number in range(1_000)), "nothing is cut"
     assert texts[0].splitlines()[1] == "### cocoonplan plan: 1000 to create"
+
+
+@pytest.mark.parametrize("planted", ["plan-1.md", "plan-2.md"])
+def test_markdown_dir_refuses_a_planted_link_before_writing_anything(
+    examples: Path, tmp_path: Path, planted: str
+) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("<!-- cocoonplan-plan part=2 of=2 digest=old -->\nprecious\n")
+    out = tmp_path / "comments"
+    out.mkdir()
+    (out / planted).symlink_to(victim)
+    result = run_cli(["plan", ".", "--markdown-dir", str(out)], examples)
+    assert result.exit_code == 1
+    assert f"{out / planted} is a symbolic link, not a regular file" in result.stderr
+    assert victim.read_text() == "<!-- cocoonplan-plan part=2 of=2 digest=old -->\nprecious\n"
+    assert sorted(p.name for p in out.iterdir()) == [planted] and (out / planted).is_symlink()

@@ -26,6 +26,7 @@ from cocoonplan.gitops import MANIFEST
 from cocoonplan.oci.cache import BlobCache, CachingStore
 from cocoonplan.oci.layout import LayoutStore
 from cocoonplan.oci.manifest import Descriptor
+from needs import run_unprivileged
 
 PRECIOUS = b"precious: must never be overwritten\n"
 CACHE = Path(".cocoonplan/cache")
@@ -209,13 +210,12 @@ def test_a_path_under_a_file_is_one_error_line(project: Path, command: list[str]
 
 def test_an_unwritable_directory_is_one_error_line(project: Path) -> None:
     (project / "locked").mkdir(mode=0o500)
-    if os.access(project / "locked", os.W_OK):
-        pytest.skip(
-            "running as root: permission bits do not stop root's writes (covered by paths under a file)"
-        )
-    result = run_cli(["plan", ".", "--out", "locked/plan.json"], project)
-    assert one_error(result) == "cannot write locked/plan.json: Permission denied"
-    assert "hint: make the directory writable" in result.stderr
+    # In a child that permission bits stop, root included.
+    child = run_unprivileged(["plan", ".", "--out", "locked/plan.json"], project)
+    assert child.returncode == 1 and "Traceback" not in child.stderr, child.stderr
+    first, *rest = child.stderr.splitlines()
+    assert first == "Error: cannot write locked/plan.json: Permission denied"
+    assert rest == ["hint: make the directory writable for this user, or choose another one"]
     assert list((project / "locked").iterdir()) == []
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from cocoonplan.atomic import read_bounded, remove_file, write_atomic
+from cocoonplan.atomic import check_target, read_bounded, remove_file, write_atomic
 
 MARKER = b"<!-- cocoonplan-plan "
 
@@ -22,16 +22,22 @@ def part_name(number: int) -> str:
 
 def write_comments(parts: Sequence[str], directory: Path) -> list[str]:
     """Write ``parts`` as ``directory/plan-N.md`` and remove stale later parts; the report
-    lines (``wrote: …``, ``removed: …``)."""
+    lines (``wrote: …``, ``removed: …``). A link or special file where a part goes, or among
+    the stale parts, is refused before anything is written."""
+    for number in range(1, len(parts) + 1):
+        check_target(directory, part_name(number))
+    stale = []
+    number = len(parts) + 1
+    while (held := read_bounded(directory, part_name(number), len(MARKER))) is not None:
+        if not held.startswith(MARKER):
+            break  # not ours: neither it nor what follows is removed
+        stale.append(part_name(number))
+        number += 1
     report = []
     for number, text in enumerate(parts, 1):
         write_atomic(directory, part_name(number), text)
         report.append(f"wrote: {directory / part_name(number)}")
-    number = len(parts) + 1
-    while (held := read_bounded(directory, part_name(number), len(MARKER))) is not None:
-        if not held.startswith(MARKER):
-            break
-        remove_file(directory, part_name(number))
-        report.append(f"removed: {directory / part_name(number)}")
-        number += 1
+    for name in stale:
+        remove_file(directory, name)
+        report.append(f"removed: {directory / name}")
     return report

@@ -236,11 +236,11 @@ def _blocks(document: dict[str, Any]) -> list[str]:
     blocks += [section.render(doc=document, vm=vm, first=i == 0) for i, vm in enumerate(acting)]
     unchanged = _unchanged(document)
     tail = env.get_template("tail.md.j2")
+    only = document["refresh_only"]
     for at in range(0, len(unchanged), _UNCHANGED_CHUNK):
-        blocks.append(
-            tail.render(doc=document | {"warnings": []}, unchanged=unchanged[at : at + _UNCHANGED_CHUNK])
-        )
-    blocks.append(tail.render(doc=document, unchanged=[]))
+        chunk = unchanged[at : at + _UNCHANGED_CHUNK]
+        blocks.append(tail.render(refresh_only=only, unchanged=chunk, warnings=[]))
+    blocks.append(tail.render(refresh_only=only, unchanged=[], warnings=document["warnings"]))
     return [block for block in blocks if block.strip()]
 
 
