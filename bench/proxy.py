@@ -18,12 +18,14 @@ _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connectio
 
 
 class CountingProxy:
-    """Forwards ``GET``/``HEAD`` to ``upstream`` (``host:port``); :attr:`requests` counts them."""
+    """Forwards ``GET``/``HEAD`` to ``upstream`` (``host:port``); :attr:`requests` counts them
+    and :attr:`log` keeps each (method, path), for tests that ask which blobs were fetched."""
 
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream
         self.delay = 0.0
         self.requests = 0
+        self.log: list[tuple[str, str]] = []
         self._lock = threading.Lock()
         self._local = threading.local()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -35,6 +37,7 @@ class CountingProxy:
     def reset(self, delay: float = 0.0) -> None:
         with self._lock:
             self.requests = 0
+            self.log.clear()
             self.delay = delay
 
     def close(self) -> None:
@@ -70,6 +73,14 @@ class CountingProxy:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
+            def finish(self) -> None:
+                # One thread per client connection: its upstream connection ends with it.
+                super().finish()
+                connection = getattr(proxy._local, "connection", None)
+                if connection is not None:
+                    connection.close()
+                    proxy._local.connection = None
+
             def do_GET(self) -> None:
                 self._relay("GET")
 
@@ -79,6 +90,7 @@ class CountingProxy:
             def _relay(self, method: str) -> None:
                 with proxy._lock:
                     proxy.requests += 1
+                    proxy.log.append((method, self.path))
                     delay = proxy.delay
                 if delay:
                     time.sleep(delay)

@@ -66,6 +66,9 @@ SQLITE_NAMESPACES = {
     "images_oci": "oci/db/images.json",
 }
 """The metadata a fresh SQLite root keeps in meta/meta.db instead of these JSON files."""
+NETWORK = "cocoon"
+"""The CNI conflist the node's VMs are on: cocoon v0.3.8 records its name (``confList.Name``)
+even for a VM given no ``--network``, and cocoonplan.yaml declares it as each node's default."""
 AGENT_CLONE_ID = "V4SEH2KVJ72CEUVW75EFR6EDT4"
 AGENT_RUN_ID = derive_id("examples", "agent-run")
 LEGACY_TOOL_ID = derive_id("examples", "legacy-tool")
@@ -158,18 +161,21 @@ def scenario() -> tuple[dict[str, Artifact], list[NodeVM]]:
             source=Clone(snap),
             layers=[b.digest for b in xface_0513.layers],
             nics=[Nic(ip="10.22.0.9", prefix=16, gateway="10.22.0.1")],
+            network=NETWORK,
         ),
         NodeVM(
             id=AGENT_RUN_ID,
             name="agent-run",
             source=Run(XFACE_0513),
             nics=[Nic(ip="10.22.0.10", prefix=16, gateway="10.22.0.1")],
+            network=NETWORK,
         ),
         NodeVM(
             id=LEGACY_TOOL_ID,
             name="legacy-tool",
             source=Run(XFACE_0513),
             nics=[Nic(ip="10.22.0.11", prefix=16, gateway="10.22.0.1")],
+            network=NETWORK,
         ),
     ]
     return {XFACE: xface, XFACE_0513: xface_0513, AGENT_SNAP: snap}, vms

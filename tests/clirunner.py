@@ -41,21 +41,45 @@ def vm_entry(document: dict[str, Any], name: str) -> dict[str, Any]:
     return next(vm for vm in document["vms"] if vm["name"] == name)
 
 
-def copy_examples(target: Path, *, node_b: bool = False) -> Path:
+def copy_examples(target: Path, *, node_b: bool = False, node_a: bool = True) -> Path:
     """A private copy of ``examples/`` (without any cache), so tests never write into the repo.
 
     Most tests are about one node: unless ``node_b``, the copy leaves out node-b (its root,
-    its specs and its entry in the project file), keeping node-a's example as it is.
+    its specs and its entry in the project file), keeping node-a's example as it is; with
+    ``node_a=False`` (and ``node_b``) it leaves out node-a instead.
     """
     shutil.copytree(EXAMPLES, target, ignore=shutil.ignore_patterns(".cocoonplan", "build.py", "__pycache__"))
+    project = target / "cocoonplan.yaml"
+    text = project.read_text()
     if not node_b:
         shutil.rmtree(target / "node-b")
         for spec in target.glob("*-b.yaml"):
             spec.unlink()
-        project = target / "cocoonplan.yaml"
-        text = project.read_text()
         project.write_text(text[: text.index("  node-b:")])
+    elif not node_a:
+        shutil.rmtree(target / "node")
+        for spec in set(target.glob("agent-*.yaml")) - set(target.glob("*-b.yaml")):
+            spec.unlink()
+        project.write_text(text[: text.index("  node-a:")] + text[text.index("  node-b:") :])
     return target
+
+
+def set_node(project: Path, node: str, **settings: str) -> None:
+    """Set ``settings`` (project-file key -> value) on ``node`` in ``project/cocoonplan.yaml``:
+    a key the node has is replaced, any other added at the end of its entry."""
+    config = project / "cocoonplan.yaml"
+    lines = config.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"  {node}:"))
+    end = next((i for i in range(start + 1, len(lines)) if not lines[i].startswith("    ")), len(lines))
+    for key, value in settings.items():
+        line = f"    {key}: {value}"
+        found = next((i for i in range(start + 1, end) if lines[i].startswith(f"    {key}:")), None)
+        if found is None:
+            lines.insert(end, line)
+            end += 1
+        else:
+            lines[found] = line
+    config.write_text("\n".join(lines) + "\n")
 
 
 def tree(root: Path) -> dict[str, bytes]:

@@ -33,10 +33,12 @@ def require_root(why: str) -> None:
         unavailable(f"needs root: {why}")
 
 
-def run_unprivileged(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+def run_unprivileged(
+    args: list[str], cwd: Path, *, stdin: int | None = None
+) -> subprocess.CompletedProcess[str]:
     """The CLI in a child process: a hang fails the test instead of stalling it. As root, the
     child runs without the capabilities that read or write any file, so permissions hold for
-    it too."""
+    it too. ``stdin`` is the child's standard input (a descriptor; the test's own by default)."""
     prefix: list[str] = []
     if os.geteuid() == 0:
         setpriv = shutil.which("setpriv")
@@ -44,4 +46,6 @@ def run_unprivileged(args: list[str], cwd: Path) -> subprocess.CompletedProcess[
             missing_tool("setpriv", "util-linux")  # root ignores permission bits without it
         prefix = [setpriv, "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search"]
     command = [*prefix, sys.executable, "-m", "cocoonplan", *args]
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run(
+        command, cwd=cwd, stdin=stdin, capture_output=True, text=True, timeout=60, check=False
+    )

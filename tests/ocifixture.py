@@ -743,7 +743,8 @@ class NodeVM:
     deletes it). ``started_by`` says how the running VMM was launched: ``create`` (``vm run``'s
     arguments, or a clone's API socket alone), ``start`` (a cold boot from the record, after
     ``vm stop``/``vm start``) or ``restore`` (``vm restore`` of a snapshot of the VM itself,
-    which leaves that snapshot's files in its run dir). ``network`` is the recorded network."""
+    which leaves that snapshot's files in its run dir; a clone's still boots its source's
+    payload). ``network`` is the recorded network."""
 
     id: str
     name: str
@@ -1053,7 +1054,24 @@ def _clone_vm(node: _Node, vm: NodeVM, snap: Artifact) -> JSON:
         "initrd_path": payload["initramfs"],
         "cmdline": build_cmdline(sum(sc["role"] == "layer" for sc in scs), vm.name, vm.nics),
     }
-    node.write(f"{vm_dir}/cocoon.json", files["cocoon.json"])
+    sidecar = files["cocoon.json"]
+    if vm.started_by == "restore":
+        # `vm restore` of a snapshot of the clone itself: its sidecar names the clone's own disks,
+        # and CH's VmConfig has the clone's NICs (hot-added after the clone's restore, so CH
+        # numbered them after the snapshot's) but still the source's payload: the guest was
+        # resumed from the source's memory and never cold-booted.
+        cfg = json.loads(patched)
+        first = len(cfg["disks"]) + len(cfg.get("net") or ())
+        template = (cfg.get("net") or [{}])[0]
+        cfg["net"] = [
+            template
+            | dict(zip(("tap", "mac"), _tap_mac(vm.id, i, nic), strict=True))
+            | {"id": f"_net{first + i}"}
+            for i, nic in enumerate(vm.nics)
+        ] or None
+        patched = go_json(cfg)
+        sidecar = go_json({"storage_configs": scs, "boot_config": boot})
+    node.write(f"{vm_dir}/cocoon.json", sidecar)
     node.write(f"{vm_dir}/config.json", patched)
     node.write(f"{vm_dir}/state.json", state)
     _write_launch(node, vm, vm_dir, ch_cli_args(vm, vm_dir, scs, boot) if vm.started_by == "start" else None)

@@ -170,9 +170,26 @@ def test_the_proof_names_the_layers_of_a_clone_cocoon_built_wrong(tmp_path: Path
         planned = f"/var/lib/cocoon/oci/blobs/{blob.hex}.erofs"
         assert f"disks.cocoon-layer{index} is missing (planned {planned})" in message, message
         assert f"drift disks[{index}]: layer{index} {blob.hex[:12]} " in message, message
+    # Bound to what cocoon chose, the clone's own disks and run files are where the plan has
+    # them: the re-plan's provisional ID must not show as a difference of their paths.
     vms = _db(root, "cloudhypervisor/db/vms.json")
     clone = vms["vms"][vms["names"]["agent-clone"]]
+    for noise in (
+        "cow.raw",
+        "data-db.raw",
+        clone["id"],
+        "/run/",
+        "disks.cocoon-cow",
+        "disks.db",
+        "blobs.sha256",
+    ):
+        assert noise not in message, (noise, message)
     assert len(_layer_paths(clone["storage_configs"])) == 2, "the emulator built the clone wrong"
+    # The VMs made are cocoonplan's whatever the proof says; the plan is not recorded as applied.
+    owned = _db(root, "cocoonplan/owned.json")
+    assert {entry["name"] for entry in owned["vms"].values()} == {"agent-clone", "agent-run"}
+    assert clone["id"] in owned["vms"] and "building" not in owned
+    assert "applied_plan" not in owned, "a plan whose proof failed is not recorded as applied"
 
 
 # --------------------------------------------------------------------------- locks
@@ -388,3 +405,163 @@ def test_kill_9_mid_apply_then_force_unlock_and_apply_again(moment: str, tmp_pat
         r["name"] for r in snapshots.values() if not r.get("pending")
     ]
     assert not [p for p in (root / "cocoonplan/staging").iterdir() if p.name.endswith(".tmp")]
+
+
+def _stalling_cocoon(tmp_path: Path, root: Path, command: str, marker: Path) -> None:
+    """Make the node's cocoon the emulator behind a wrapper that, once ``cocoon <command>``
+    succeeded, touches ``marker`` and stalls before printing: apply is killed right after
+    cocoon acted, before it could read the ID cocoon printed."""
+    real = _shim(tmp_path, root)
+    emulator = real.with_name("cocoon-emulator")
+    real.rename(emulator)
+    real.write_text(
+        "#!/bin/sh\n"
+        f'out=$({shlex.quote(str(emulator))} "$@")\nrc=$?\n'
+        f'case " $* " in *" {command} "*) [ $rc -eq 0 ] && touch {shlex.quote(str(marker))} && sleep 60;; esac\n'
+        'printf "%s\\n" "$out"\nexit $rc\n'
+    )
+    real.chmod(0o755)
+
+
+def _vms(root: Path) -> dict[str, dict[str, Any]]:
+    db = _db(root, "cloudhypervisor/db/vms.json")
+    return {record["config"]["name"]: record for record in db.get("vms", {}).values()}
+
+
+def _force_unlock(project: Path, root: Path) -> None:
+    lease = json.loads((root / LEASE_FILE).read_text())
+    unlocked = run_cli(["force-unlock", "node-a", lease["id"]], project)
+    assert unlocked.exit_code == 0, unlocked.stdout + unlocked.stderr
+
+
+@pytest.mark.parametrize("rerun", ["same-plan", "new-plan"])
+def test_kill_9_right_after_cocoon_created_a_vm_then_apply_again(rerun: str, tmp_path: Path) -> None:
+    project, root = _node(tmp_path)
+    assert run_cli(["plan", ".", "--out", "p.json"], project).exit_code == 0
+    marker = tmp_path / "cloned"
+    _stalling_cocoon(tmp_path, root, "vm clone", marker)
+    _killed_apply(project, os.environ | {"PYTHONPATH": str(REPO / "src")}, marker.exists)
+    _consistent(root)
+    clone = _vms(root)["agent-clone"]
+    owned = _db(root, "cocoonplan/owned.json")
+    assert clone["id"] not in owned["vms"], "killed before cocoon's output was read"
+    assert owned["building"]["agent-clone"]["plan"] == json.loads((project / "p.json").read_text())["digest"]
+
+    _shim(tmp_path, root)
+    _force_unlock(project, root)
+    _, document = plan_json(project)
+    assert document["errors"] == [], "the VM cocoon made for the killed apply is cocoonplan's"
+    assert vm_entry(document, "agent-clone")["action"] == "no-op"
+    assert vm_entry(document, "agent-run")["action"] == "create"
+    if rerun == "new-plan":
+        assert run_cli(["plan", ".", "--out", "p.json"], project).exit_code == 0
+    applied = run_cli(["apply", "p.json"], project)
+    assert applied.exit_code == 0, applied.stdout + applied.stderr
+    _consistent(root)
+    vms = _vms(root)
+    assert vms["agent-clone"] == clone, "the VM made before the kill is kept, not made twice"
+    owned = _db(root, "cocoonplan/owned.json")
+    assert {vm_id: entry["name"] for vm_id, entry in owned["vms"].items()} == {
+        clone["id"]: "agent-clone",
+        vms["agent-run"]["id"]: "agent-run",
+    }
+    assert owned["vms"][clone["id"]].get("config_sha256"), "recorded with the config.json it runs"
+    assert "building" not in owned
+    assert owned["applied_plan"] == json.loads((project / "p.json").read_text())["digest"]
+    assert run_cli(["plan", ".", "--detailed-exitcode"], project).exit_code == 0
+
+
+def test_kill_9_right_after_a_replaced_vm_was_removed_then_the_same_plan_again(tmp_path: Path) -> None:
+    project, root = _node(tmp_path)
+    assert run_cli(["apply", ".", "--auto-approve"], project).exit_code == 0
+    old = _vms(root)["agent-run"]
+    spec = project / "agent-run.yaml"
+    spec.write_text(spec.read_text().replace("cpu: 2", "cpu: 4"))
+    assert run_cli(["plan", ".", "--out", "p.json"], project).exit_code == 0
+    marker = tmp_path / "removed"
+    _stalling_cocoon(tmp_path, root, "vm rm", marker)
+    _killed_apply(project, os.environ | {"PYTHONPATH": str(REPO / "src")}, marker.exists)
+    _consistent(root)
+    assert "agent-run" not in _vms(root)
+
+    _shim(tmp_path, root)
+    _force_unlock(project, root)
+    applied = run_cli(["apply", "p.json"], project)
+    assert applied.exit_code == 0, applied.stdout + applied.stderr
+    new = _vms(root)["agent-run"]
+    assert new["id"] != old["id"] and new["config"]["cpu"] == 4
+    owned = _db(root, "cocoonplan/owned.json")
+    assert old["id"] not in owned["vms"] and owned["vms"][new["id"]]["name"] == "agent-run"
+    assert run_cli(["plan", ".", "--detailed-exitcode"], project).exit_code == 0
+
+
+# --------------------------------------------------------------------------- staging
+
+
+def _staged(root: Path) -> set[str]:
+    staging = root / "cocoonplan/staging"
+    return {p.name for p in staging.iterdir()} if staging.is_dir() else set()
+
+
+def test_staged_blobs_are_removed_once_consumed_and_kept_after_a_failure(tmp_path: Path) -> None:
+    project, root = _node(tmp_path)
+    assert run_cli(["plan", ".", "--out", "p.json"], project).exit_code == 0
+    document = json.loads((project / "p.json").read_text())
+    blobs = {b["digest"].removeprefix("sha256:"): b["kind"] for vm in document["vms"] for b in vm["blobs"]}
+    snapshot_files = {hex_ for hex_, kind in blobs.items() if kind != "layer"}
+    assert snapshot_files and len(snapshot_files) < len(blobs)
+
+    # Content only: the layers are converted, so their blobs go; the snapshot's files wait
+    # in staging for the VM apply.
+    content = run_cli(["apply", "p.json", "--content-only"], project)
+    assert content.exit_code == 0, content.stdout + content.stderr
+    assert _staged(root) == snapshot_files
+
+    # A failed apply keeps what it staged, for the run that resumes it.
+    assert run_cli(["plan", ".", "--out", "p.json"], project).exit_code == 0
+    _shim(tmp_path, root, COCOON_EMULATOR_FAULT="clone-drop-top-layers:9")
+    failed = run_cli(["apply", "p.json"], project)
+    assert failed.exit_code == 1 and "does not run what the plan says" in failed.stderr
+    assert _staged(root) == snapshot_files
+
+    _shim(tmp_path, root)
+    assert run_cli(["plan", ".", "--out", "again.json"], project).exit_code == 0
+    applied = run_cli(["apply", "again.json"], project)
+    assert applied.exit_code == 0, applied.stdout + applied.stderr
+    assert _staged(root) == set(), "the node's apply succeeded: nothing staged is kept"
+    assert run_cli(["plan", ".", "--detailed-exitcode"], project).exit_code == 0
+
+
+# --------------------------------------------------------------------------- lease
+
+
+def test_an_apply_whose_lease_is_taken_over_fails_naming_the_new_holder(tmp_path: Path) -> None:
+    project, root = _node(tmp_path)
+    assert run_cli(["plan", ".", "--out", "p.json"], project).exit_code == 0
+    # While cocoon clones, another apply takes the node over (as one would once the lease expired).
+    taken = {
+        "id": "feedfacefeedface",
+        "owner": "mallory",
+        "host": "ci-runner-9",
+        "pid": 77,
+        "operation": "apply",
+        "created": "2026-12-01T12:00:00Z",
+        "expires": "2099-12-01T13:00:00Z",
+    }
+    real = _shim(tmp_path, root)
+    emulator = real.with_name("cocoon-emulator")
+    real.rename(emulator)
+    lease = root / LEASE_FILE
+    real.write_text(
+        "#!/bin/sh\n"
+        f'case " $* " in *" vm clone "*) printf %s {shlex.quote(json.dumps(taken))} > {shlex.quote(str(lease))};; esac\n'
+        f'exec {shlex.quote(str(emulator))} "$@"\n'
+    )
+    real.chmod(0o755)
+    applied = run_cli(["apply", "p.json"], project)
+    assert applied.exit_code == 1
+    message = " ".join(applied.stderr.split())
+    assert "is no longer held by this apply's lease" in message, message
+    assert "lease feedfacefeedface by mallory@ci-runner-9 (pid 77, apply)" in message, message
+    assert "agent-run" not in _vms(root), "no step after the takeover was run"
+    assert json.loads(lease.read_text()) == taken, "the new holder's lease is left alone"

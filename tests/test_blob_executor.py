@@ -436,6 +436,21 @@ def test_a_cached_blob_is_copied_when_it_cannot_be_linked(
     assert not fetched.path.samefile(sources.cache.path_for(blob_digest(BLOB)))
 
 
+def test_a_download_is_kept_in_the_cache_by_a_hard_link_and_never_copied_there(
+    hostile: Hostile, sources: Sources, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entry = sources.cache.path_for(blob_digest(BLOB))
+    [fetched] = fetch([planned(BLOB, f"{hostile.host}/{REPOSITORY}")], sources, tmp_path / "d")
+    assert fetched.outcome is Outcome.DOWNLOADED and fetched.path.samefile(entry)
+    [again] = fetch([planned(BLOB, f"{hostile.host}/{REPOSITORY}")], sources, tmp_path / "e")
+    assert (again.outcome, len(hostile.requests)) == (Outcome.LINKED, 1), "the next node's is linked"
+    # Where the cache is on another file system a download is not copied into it.
+    monkeypatch.setattr(blobs, "_same_file_system", lambda directory, file: False)
+    [other] = fetch([planned(OTHER, f"{hostile.host}/{REPOSITORY}")], sources, tmp_path / "d")
+    assert other.outcome is Outcome.DOWNLOADED
+    assert not sources.cache.path_for(blob_digest(OTHER)).exists()
+
+
 def test_a_corrupt_cache_entry_is_not_used(hostile: Hostile, sources: Sources, tmp_path: Path) -> None:
     entry = sources.cache.path_for(blob_digest(OTHER))
     entry.parent.mkdir(parents=True)

@@ -16,6 +16,8 @@ import pytest
 from syrupy.assertion import SnapshotAssertion
 
 from clirunner import copy_examples, example_builder, plan_json, run_cli, tree, vm_entry
+from cocoonplan.cocoon import MetadataEngine
+from cocoonplan.resolvers.node import read_node_root
 from ocifixture import OwnerRecord, node_root, snapshot, write_layout
 from snapshotext import JSONFile, TextFile
 
@@ -46,9 +48,25 @@ ENGINE = {"metadata": "json"}
 
 @pytest.fixture(autouse=True, params=["json", "sqlite"])
 def _engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every case runs on a node root with cocoon's JSON metadata and on one with SQLite
-    metadata: the reader must see the same node either way, so the plans are pinned alike."""
+    """Every case's node root is also converted to SQLite metadata: the reader must see the
+    same node either way, so the plans are pinned alike."""
     monkeypatch.setitem(ENGINE, "metadata", request.param)
+
+
+SQLITE_ROOT = "node-sqlite"
+"""Where the sqlite variant puts the converted root, beside the JSON one."""
+
+
+def _converted(project: Path) -> None:
+    """The root ``node`` converted to SQLite metadata at :data:`SQLITE_ROOT`, checked to read as
+    the same node. These cases are v0.3.8 plans, and v0.3.8 has no SQLite engine (cocoonplan
+    refuses that pair), so the plan itself is made from the JSON root."""
+    converted = project / SQLITE_ROOT
+    shutil.copytree(project / "node", converted, symlinks=True)
+    build.to_sqlite(converted)
+    from_json, from_sqlite = read_node_root(project / "node"), read_node_root(converted)
+    assert from_sqlite.metadata_engine is MetadataEngine.SQLITE
+    assert from_sqlite.model_copy(update={"metadata_engine": MetadataEngine.JSON}) == from_json
 
 
 def _project(tmp_path: Path, vms: list[Any], owned: dict[str, OwnerRecord]) -> Path:
@@ -61,8 +79,8 @@ def _project(tmp_path: Path, vms: list[Any], owned: dict[str, OwnerRecord]) -> P
         owned=owned,
     )
     if ENGINE["metadata"] == "sqlite":
-        build.to_sqlite(project / "node")
-    # The engine is under test here, not the planning rules: both roots are planned as v0.3.8.
+        _converted(project)
+    # The engine is under test here, not the planning rules: the root is planned as v0.3.8.
     config = project / "cocoonplan.yaml"
     config.write_text(
         config.read_text().replace("    cpus: 16\n", "    cpus: 16\n    cocoonVersion: v0.3.8\n")
@@ -227,11 +245,12 @@ def test_applied_files_that_changed_on_the_node_are_drift(tmp_path: Path) -> Non
 
 def test_corrupted_metadata_is_a_clear_error_and_nothing_is_written(tmp_path: Path) -> None:
     project = _project(tmp_path, _healthy_vms(), _owned())
-    damaged = "meta/meta.db" if ENGINE["metadata"] == "sqlite" else "cloudhypervisor/db/vms.json"
-    path = project / "node" / damaged
+    sqlite = ENGINE["metadata"] == "sqlite"
+    root, damaged = (SQLITE_ROOT, "meta/meta.db") if sqlite else ("node", "cloudhypervisor/db/vms.json")
+    path = project / root / damaged
     path.write_bytes(path.read_bytes()[:100])
     before = tree(project)
-    result = run_cli(["plan", ".", "--out", "plan.json"], project)
+    result = run_cli(["plan", ".", "--out", "plan.json", "--root", f"node-a={root}"], project)
     assert result.exit_code == 1
     assert result.stderr.startswith("Error: ")
     assert damaged in result.stderr

@@ -27,6 +27,8 @@ from cocoonplan.planner.hypervisor import (
     run_config,
 )
 from cocoonplan.planner.identity import NicIdentity
+from cocoonplan.planner.rules import RULES
+from cocoonplan.releases import CocoonLine
 from cocoonplan.units import GIB
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -172,6 +174,47 @@ def test_disk_arguments_have_cocoons_shapes() -> None:
     )
     forced = data.model_copy(update={"direct_io": True})
     assert "direct=on" in disk_argument(forced, no_direct)
+
+
+V0_3, V0_6 = CocoonLine.V0_3, CocoonLine.V0_6
+OVERLAY = f"{SRC}/overlay.qcow2"
+"""A cloud image VM's writable COW disk: a qcow2 overlay over the shared base image."""
+
+
+@pytest.mark.parametrize(
+    ("line", "path", "ro", "override", "no_direct_io", "direct"),
+    [
+        (V0_3, OVERLAY, False, None, False, True),  # §5.7: every writable disk
+        (V0_6, OVERLAY, False, None, False, False),  # effectiveDirectIO: never a qcow2 overlay
+        (V0_6, OVERLAY, False, True, False, True),  # …unless the disk's own override says so
+        (V0_6, f"{SRC}/cow.raw", False, None, False, True),  # raw COW disks keep O_DIRECT
+        (V0_6, f"{SRC}/cow.raw", False, None, True, False),
+        (V0_6, "/var/lib/cocoon/cloudimg/base.qcow2", True, None, False, False),
+        (V0_3, f"{SRC}/data-db.raw", False, False, False, False),
+    ],
+)
+def test_direct_io_follows_each_lines_rule(
+    line: CocoonLine, path: str, ro: bool, override: bool | None, no_direct_io: bool, direct: bool
+) -> None:
+    disk = StorageConfig(path=path, ro=ro, serial="cocoon-cow", role=DiskRole.COW, direct_io=override)
+    tuning = Tuning(cpu=1, memory=GIB, host_cpus=16, no_direct_io=no_direct_io, rules=RULES[line])
+    assert ("direct=on" in disk_argument(disk, tuning).split(",")) is direct
+    config = run_config(
+        api_socket=f"{SRC}/api.sock", disks=[disk], nics=[], boot=Boot("k", "i", "c"), tuning=tuning
+    )
+    assert config["disks"][0]["direct"] is direct
+
+
+def test_a_v0_6_clone_of_a_qcow2_overlay_is_patched_without_direct_io() -> None:
+    source = _source_of_example_c()
+    source["disks"][3]["path"] = source["disks"][3]["path"].replace("cow.raw", "overlay.qcow2")
+    disks = _disks(CLONE)
+    disks[3] = disks[3].model_copy(update={"path": f"{CLONE}/overlay.qcow2"})
+    for line, direct in ((V0_3, True), (V0_6, False)):
+        tuning = Tuning(cpu=2, memory=GIB, host_cpus=16, rules=RULES[line])
+        patched = patch_clone_config(source, disks, tuning, run_dir=CLONE, vm_id=CLONE_ID)
+        assert patched["disks"][3]["direct"] is direct, line
+        assert patched["disks"][4]["direct"] is True  # the raw data disk is unchanged
 
 
 def test_launch_line_matches_the_worked_cmdline_file() -> None:

@@ -9,6 +9,7 @@ copy of ``examples/`` the way cocoon would.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -48,7 +49,7 @@ def _project(
     project = copy_examples(tmp_path / "examples")
     shutil.rmtree(project / "node")
     ids = {vm.id for vm in vms}
-    owners = {i: o for i, o in (owned or build.owned(ARTIFACTS)).items() if i in ids}
+    owners = {i: o for i, o in (build.owned(ARTIFACTS) if owned is None else owned).items() if i in ids}
     node_root(project / "node", images=IMAGES, vms=vms, owned=owners, **extra)
     return project
 
@@ -182,6 +183,43 @@ def test_a_restored_run_vm_is_a_no_op_and_stays_a_run(
     assert run == snapshot_json
 
 
+def test_a_clone_restored_from_its_own_snapshot_is_a_no_op_and_stays_a_clone(
+    tmp_path: Path, snapshot_json: SnapshotAssertion
+) -> None:
+    # What cocoonplan recorded at clone: the config.json cocoon patched then.
+    cloned = _project(tmp_path / "cloned", _vms())
+    applied = (cloned / f"node/run/cloudhypervisor/{build.AGENT_CLONE_ID}/config.json").read_bytes()
+    owners = build.owned(ARTIFACTS)
+    owners[build.AGENT_CLONE_ID] = dataclasses.replace(
+        owners[build.AGENT_CLONE_ID], config_sha256="sha256:" + hashlib.sha256(applied).hexdigest()
+    )
+    restored = _vms(agent_clone={"started_by": "restore"}, agent_run={"started_by": "restore"})
+    project = _project(tmp_path / "restored", restored, owners)
+    run_dir = f"/var/lib/cocoon/run/cloudhypervisor/{build.AGENT_CLONE_ID}"
+    # As `cocoon vm restore` leaves it: a sidecar naming the clone's own disks, the snapshot
+    # recorded in snapshot_ids, the API socket alone, and CH's config.json of the clone itself.
+    files = project / f"node/run/cloudhypervisor/{build.AGENT_CLONE_ID}"
+    sidecar = json.loads((files / "cocoon.json").read_text())
+    assert all(c["path"].startswith(run_dir) for c in sidecar["storage_configs"] if c["role"] != "layer")
+    assert (files / "cmdline").read_text() == f"cloud-hypervisor --api-socket {run_dir}/api.sock"
+    assert (files / "config.json").read_bytes() != applied
+    records = json.loads((project / "node/cloudhypervisor/db/vms.json").read_text())["vms"]
+    assert records[build.AGENT_CLONE_ID]["snapshot_ids"] == {"SNAPOFITSELFAAAAAAAAAAAAAA": {}}
+
+    code, document = plan_json(project, "--detailed-exitcode")
+    assert code == 0
+    clone = vm_entry(document, "agent-clone")
+    assert (clone["action"], clone["mode"], clone["drift"], clone["changes"]) == ("no-op", "clone", [], [])
+    refreshed = vm_entry(plan_json(project, "--refresh-only")[1], "agent-clone")
+    assert (refreshed["mode"], refreshed["drift"]) == ("clone", [])
+    # Without cocoonplan's record the node alone tells them apart: the restored clone's guest
+    # still runs its source's cmdline, the restored run's its own.
+    foreign = _project(tmp_path / "foreign", restored, owned={})
+    modes = {vm["name"]: vm["mode"] for vm in plan_json(foreign, "--refresh-only")[1]["vms"]}
+    assert (modes["agent-clone"], modes["agent-run"]) == ("clone", "run")
+    assert clone == snapshot_json
+
+
 def test_a_launch_line_cocoon_would_not_write_is_drift(tmp_path: Path) -> None:
     run_dir = f"run/cloudhypervisor/{build.AGENT_CLONE_ID}"
     project = _project(
@@ -192,8 +230,14 @@ def test_a_launch_line_cocoon_would_not_write_is_drift(tmp_path: Path) -> None:
     (drift,) = vm_entry(document, "agent-clone")["drift"]
     assert drift["path"] == ["launch"] and drift["found"] == "cloud-hypervisor --api-socket /elsewhere"
     assert f"cloud-hypervisor --api-socket /var/lib/cocoon/{run_dir}/api.sock" in drift["expected"]
-    # Stopped, the same VM has no runtime files to judge.
-    stopped = _project(tmp_path / "stopped", _vms(agent_clone={"state": "stopped"}))
+    # Stopped, the same VM's runtime files say nothing, even a stale cmdline left behind (cocoon's
+    # stop deletes it, so whatever is there is not what runs): it is judged only while running.
+    stopped = _project(
+        tmp_path / "stopped",
+        _vms(agent_clone={"state": "stopped"}),
+        extra_files={f"{run_dir}/cmdline": b"cloud-hypervisor --api-socket /elsewhere"},
+    )
+    assert (stopped / f"node/{run_dir}/cmdline").read_bytes() == b"cloud-hypervisor --api-socket /elsewhere"
     assert vm_entry(plan_json(stopped, "--refresh-only")[1], "agent-clone")["drift"] == []
 
 
@@ -201,17 +245,26 @@ def test_a_launch_line_cocoon_would_not_write_is_drift(tmp_path: Path) -> None:
 
 
 def _with_network(project: Path, node_setting: str | None) -> None:
-    if node_setting is not None:
-        config = project / "cocoonplan.yaml"
-        config.write_text(config.read_text().replace("    cpus: 16\n", f"    cpus: 16\n    {node_setting}\n"))
+    """Set node-a's line ``defaultNetwork: cocoon`` (as the examples declare it) to
+    ``node_setting``; None removes it, leaving node-a's default network unknown."""
+    config = project / "cocoonplan.yaml"
+    text = config.read_text()
+    line = next(
+        line for line in text.splitlines(keepends=True) if line.startswith("    defaultNetwork: cocoon")
+    )
+    config.write_text(text.replace(line, f"    {node_setting}\n" if node_setting else "", 1))
 
 
 @pytest.mark.parametrize(
     ("node_setting", "action"),
-    [(None, "no-op"), ("defaultNetwork: cocoon", "no-op"), ("defaultNetwork: other", "replace")],
+    [
+        pytest.param(None, "no-op", id="default-unknown"),
+        pytest.param("defaultNetwork: cocoon", "no-op", id="default-cocoon"),
+        pytest.param("defaultNetwork: other", "replace", id="default-other"),
+    ],
 )
 def test_a_record_naming_the_default_network_is_no_change(
-    tmp_path: Path, node_setting: str | None, action: str
+    tmp_path: Path, node_setting: str | None, action: str, snapshot_json: SnapshotAssertion
 ) -> None:
     vms = _vms(agent_run={"network": "cocoon"}, agent_clone={"network": "cocoon"})
     project = _project(tmp_path, vms)
@@ -224,6 +277,20 @@ def test_a_record_naming_the_default_network_is_no_change(
             assert [(c["kind"], c["path"], c["before"], c["after"]) for c in vm["changes"]] == [
                 ("network", ["network"], "cocoon", "other")
             ]
+    # An unknown default is no reason to change, and the plan says what it did not compare.
+    unknown = [w for w in document["warnings"] if "default network is not known" in w["summary"]]
+    if node_setting is None:
+        assert sorted(w["vm"] for w in unknown) == ["agent-clone", "agent-run"]
+        run = next(w["summary"] for w in unknown if w["vm"] == "agent-run")
+        assert run == (
+            "the network of VM agent-run on node node-a is not compared (its record names 'cocoon'): "
+            "the node's default network is not known; set defaultNetwork or cniConfDir for node node-a "
+            "in cocoonplan.yaml"
+        )
+    else:
+        assert unknown == []
+    pinned = {name: vm_entry(document, name) for name in ("agent-run", "agent-clone")}
+    assert {"vms": pinned, "warnings": document["warnings"]} == snapshot_json
 
 
 # --------------------------------------------------------------------------- unknown nodes
@@ -251,6 +318,7 @@ def test_a_node_without_state_is_unknown_and_nothing_is_created_or_deleted(
         clone["provisional"]
     )
     assert all(not b["present"] for b in clone["blobs"])
+    assert clone == snapshot_json
 
 
 def test_assume_empty_node_refuses_a_node_whose_state_is_known(tmp_path: Path) -> None:
@@ -281,6 +349,11 @@ def test_a_create_lists_every_value_cocoon_draws_as_provisional(
     assert {"vm_id", f"disks[{cow['index']}].path", "interfaces[0].tap", "interfaces[0].mac"} <= provisional
     assert {f"config.disks[{cow['index']}].path", "config.net[0].mac", "config.net[0].tap"} <= provisional
     assert {"interfaces[0].address", "cmdline"} <= provisional
+    # CNI adds ip= to the cmdline, so every copy of it is provisional too: the launch's
+    # --cmdline value and the derived VmConfig's payload.
+    cmdline_at = run["launch"].index("--cmdline") + 1
+    assert run["launch"][cmdline_at] == run["config"]["payload"]["cmdline"] == run["cmdline"]
+    assert {f"launch[{cmdline_at}]", "config.payload.cmdline"} <= provisional
     # Layer paths are content-addressed, not drawn: never provisional.
     assert not any(p.startswith("disks[0]") for p in provisional)
     assert any("ip=" in note for note in run["notes"])
@@ -332,6 +405,11 @@ def test_a_clones_restore_sequence_validates_against_the_ch_schema(
     assert (add["body"]["tap"], add["body"]["mac"]) == (nic["tap"], nic["mac"])
     assert nic["mac"] != clone["config"]["net"][0]["mac"], "config.json keeps the source's NIC until the swap"
     assert any("resumed guest keeps the source VM" in n for n in clone["notes"])
+    # The cmdline recorded for the next cold boot gets the lease's ip=; config.json keeps the
+    # source's payload, which cocoon does not patch: not drawn, not provisional.
+    assert "cmdline" in clone["provisional"]
+    assert "--cmdline" not in clone["launch"]
+    assert not any(p.startswith("config.payload") for p in clone["provisional"])
     assert clone == snapshot_json
 
 
@@ -384,7 +462,9 @@ def test_a_missing_kernel_the_base_image_provides_is_planned_for_extraction(tmp_
     assert (kernel["present"], kernel["layer"]) == (False, f"sha256:{kernel_hex}")
 
 
-def test_a_clone_whose_kernel_cocoon_cannot_find_is_an_error_naming_the_path(tmp_path: Path) -> None:
+def test_a_clone_whose_kernel_cocoon_cannot_find_is_an_error_naming_the_path(
+    tmp_path: Path, snapshot_json: SnapshotAssertion
+) -> None:
     # A snapshot whose config.json boots a kernel from a layer that is not its base's kernel layer
     # (re-baked by hand), on a node that lacks that file: cocoon's VerifyBaseFiles would refuse it.
     xface = ARTIFACTS[build.XFACE]
@@ -401,10 +481,13 @@ def test_a_clone_whose_kernel_cocoon_cannot_find_is_an_error_naming_the_path(tmp
     assert run_cli(["lock", ".", "--update"], project).exit_code == 0
     result = run_cli(["plan", ".", "--json"], project)
     assert result.exit_code == 1
-    (error,) = json.loads(result.stdout)["errors"]
+    document = json.loads(result.stdout)
+    (error,) = document["errors"]
     assert error["vm"] == "agent-clone"
     assert f"/var/lib/cocoon/oci/boot/{stray}/vmlinuz is not on node" in error["summary"]
     assert "verify base files" in error["hint"]
+    assert "agent-clone" not in [vm["name"] for vm in document["vms"]]
+    assert {k: document[k] for k in ("errors", "warnings", "summary")} == snapshot_json
 
 
 def test_a_run_plans_the_image_record_and_boot_files_it_needs(tmp_path: Path) -> None:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import shutil
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,11 +15,12 @@ import httpx
 import pytest
 
 from cocoonplan.errors import DigestMismatchError, RegistryError
-from cocoonplan.oci.cache import BlobCache, CachingStore
+from cocoonplan.oci.cache import BlobCache, CachingStore, Placed
 from cocoonplan.oci.layout import LayoutStore
 from cocoonplan.oci.manifest import Descriptor, MediaType
 from cocoonplan.oci.registry import RegistryStore
 from cocoonplan.oci.store import ContentStore, RawManifest
+from cocoonplan.oci.verifier import CHUNK_SIZE, Verifier
 from registry_server import RegistryServer, blob_digest, push_files
 
 
@@ -152,3 +157,120 @@ def test_served_media_type_survives_the_cache(tmp_path: Path) -> None:
     assert store.get_manifest("bare/repo", "v1").media_type == MediaType.DOCKER_MANIFEST
     assert store.get_manifest("bare/repo", digest).media_type == MediaType.DOCKER_MANIFEST
     assert inner.calls["get_manifest"] == 1
+
+
+# --------------------------------------------------------------------------- verified hand-offs
+
+LAYER = bytes(range(256)) * (3 * CHUNK_SIZE // 256 + 7)  # a few chunks, not a multiple of one
+
+
+def counting(hashed: Counter[str]) -> type[Verifier]:
+    """A real Verifier that also counts, per digest, the bytes the cache hashes with it."""
+
+    class Counting(Verifier):
+        def update(self, chunk: bytes) -> None:
+            hashed[self.digest] += len(chunk)
+            super().update(chunk)
+
+    return Counting
+
+
+def _layer() -> Descriptor:
+    return Descriptor(
+        mediaType="application/vnd.oci.image.layer.v1.tar", digest=blob_digest(LAYER), size=len(LAYER)
+    )
+
+
+def test_a_verified_entry_is_handed_off_without_hashing_it_again(tmp_path: Path) -> None:
+    hashed: Counter[str] = Counter()
+    cache = BlobCache(tmp_path / "cache", verifier=counting(hashed))
+    layer = _layer()
+    cache.put(layer.digest, LAYER)
+    hashed.clear()
+    assert cache.hand_off(layer, tmp_path / "one") is Placed.LINKED
+    assert hashed[layer.digest] == len(LAYER), "no record of a verification yet: hashed once"
+    assert cache.hand_off(layer, tmp_path / "two") is Placed.LINKED
+    assert cache.hand_off(layer, tmp_path / "three") is Placed.LINKED
+    assert hashed[layer.digest] == len(LAYER), "linked again without hashing"
+    assert (tmp_path / "three").read_bytes() == LAYER
+
+    # A file its caller verified is recorded as it is adopted: its first hand-off hashes nothing.
+    other = BlobCache(tmp_path / "other", verifier=counting(hashed))
+    downloaded = tmp_path / "downloaded"
+    downloaded.write_bytes(LAYER)
+    hashed.clear()
+    other.adopt(layer, downloaded)
+    assert other.hand_off(layer, tmp_path / "four") is Placed.LINKED
+    assert hashed[layer.digest] == 0
+    assert (tmp_path / "four").samefile(downloaded)
+
+
+def test_a_verified_entry_is_copied_without_hashing_it_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def cross_device(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    hashed: Counter[str] = Counter()
+    cache = BlobCache(tmp_path / "cache", verifier=counting(hashed))
+    layer = _layer()
+    cache.put(layer.digest, LAYER)
+    monkeypatch.setattr(os, "link", cross_device)  # another file system: nothing can be linked
+    hashed.clear()
+    assert cache.hand_off(layer, tmp_path / "one") is Placed.COPIED
+    assert cache.hand_off(layer, tmp_path / "two") is Placed.COPIED
+    assert hashed[layer.digest] == len(LAYER), "hashed on the first copy only"
+    assert (tmp_path / "two").read_bytes() == LAYER
+
+
+def _tamper_keeping_size_and_mtime(entry: Path, vouched: os.stat_result) -> None:
+    """Change one byte in place and set the mtime back, as a writer hiding an edit would; the
+    kernel moves ctime either way (at its clock's granularity: redone until it shows)."""
+    with entry.open("r+b") as out:
+        out.seek(len(LAYER) // 2)
+        out.write(b"\xff" if LAYER[len(LAYER) // 2] != 0xFF else b"\x00")
+    for _ in range(2000):
+        os.utime(entry, ns=(vouched.st_atime_ns, vouched.st_mtime_ns))
+        if entry.stat().st_ctime_ns != vouched.st_ctime_ns:
+            return
+        time.sleep(0.001)
+    raise AssertionError("the file system never moved the entry's ctime")
+
+
+def test_an_entry_changed_after_its_verification_is_hashed_caught_and_dropped(tmp_path: Path) -> None:
+    hashed: Counter[str] = Counter()
+    cache = BlobCache(tmp_path / "cache", verifier=counting(hashed))
+    layer = _layer()
+    cache.put(layer.digest, LAYER)
+    assert cache.hand_off(layer, tmp_path / "one") is Placed.LINKED  # hashed, recorded
+    entry = cache.path_for(layer.digest)
+    vouched = entry.stat()
+    _tamper_keeping_size_and_mtime(entry, vouched)
+    now = entry.stat()
+    assert (now.st_size, now.st_mtime_ns) == (vouched.st_size, vouched.st_mtime_ns), (
+        "size and mtime as vouched"
+    )
+    hashed.clear()
+    assert cache.hand_off(layer, tmp_path / "two") is None
+    assert hashed[layer.digest] > 0, "hashed, since its ctime moved"
+    assert not (tmp_path / "two").exists()
+    assert not entry.exists(), "the tampered entry is dropped"
+    assert list((tmp_path / "cache/verified/sha256").iterdir()) == [], "and so is its record"
+
+
+def test_a_planted_verification_record_of_another_file_vouches_for_nothing(tmp_path: Path) -> None:
+    # A pull request can commit an entry and a record, but not predict the inode and ctime
+    # the checkout gives the entry: a record copied from elsewhere never matches.
+    source = BlobCache(tmp_path / "elsewhere")
+    layer = _layer()
+    source.put(layer.digest, LAYER)
+    assert source.hand_off(layer, tmp_path / "one") is Placed.LINKED
+    hashed: Counter[str] = Counter()
+    planted = tmp_path / "checkout"
+    shutil.copytree(tmp_path / "elsewhere", planted)
+    bad = bytearray(LAYER)
+    bad[7] ^= 1
+    BlobCache(planted).path_for(layer.digest).write_bytes(bytes(bad))
+    cache = BlobCache(planted, verifier=counting(hashed))
+    assert cache.hand_off(layer, tmp_path / "two") is None
+    assert hashed[layer.digest] > 0 and not (tmp_path / "two").exists()

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from cocoonplan.cocoon import DiskRole, SnapshotConfig, SnapshotMeta, StorageConfig, blob_path, vm_run_dir
+from cocoonplan.errors import StateError
 from cocoonplan.model import Mode
 from cocoonplan.observed import (
     BootConfig,
@@ -661,6 +662,85 @@ def test_v0_6_refuses_mmap_on_an_upstream_hypervisor() -> None:
     (error,) = result.errors
     assert "mmap sends CopyOnWrite" in error.summary
     assert "cloudHypervisor: cocoonstack" in error.hint
+
+
+def _eager_clone(memory: dict[str, bool], node: NodeConfig, **body: Any) -> PlanInput:
+    """A clone of a snapshot whose ``config.json`` memory has ``memory`` set (hugepages, shared)."""
+    snapshot = _snapshot()
+    config = GOLDEN_CONFIG | {"memory": GOLDEN_CONFIG["memory"] | memory}
+    resolved = ResolvedVM(snapshot=snapshot.model_copy(update={"ch_config": config}))
+    return PlanInput(loaded=_spec("agent", snapshot=SNAPSHOT_REF, **body), resolved=resolved, node=node)
+
+
+@pytest.mark.parametrize(
+    ("memory", "build", "wanted", "mode", "warned"),
+    [
+        # cocoon's resolveRestoreMode: mmap asked for on such memory falls back to copy, with a
+        # warning, and never sends CopyOnWrite, so a stock Cloud Hypervisor is no reason to refuse.
+        ({"hugepages": True}, HypervisorBuild.UPSTREAM, "mmap", RestoreMode.COPY, "hugepage-backed"),
+        ({"shared": True}, HypervisorBuild.COCOONSTACK, "mmap", RestoreMode.COPY, "shared"),
+        ({"hugepages": True}, HypervisorBuild.COCOONSTACK, None, RestoreMode.COPY, None),
+        ({"shared": True}, HypervisorBuild.UPSTREAM, "ondemand", RestoreMode.ONDEMAND, None),
+        ({}, HypervisorBuild.COCOONSTACK, "mmap", RestoreMode.MMAP, None),
+    ],
+)
+def test_v0_6_restore_mode_of_hugepage_or_shared_memory(
+    memory: dict[str, bool], build: HypervisorBuild, wanted: str | None, mode: RestoreMode, warned: str | None
+) -> None:
+    node = _settings(cloudHypervisor=build.value)
+    body = {} if wanted is None else {"restoreMode": wanted}
+    result = plan([_eager_clone(memory, node, **body)], view([], settings=node, cocoon=V0_6))
+    assert result.errors == ()
+    vm = only(result)
+    assert vm.restore_mode is mode
+    assert ("memory_restore_mode" in (vm.restore[0].body or {})) is (mode is not RestoreMode.COPY)
+    assert not any("stock build" in note for note in vm.notes)
+    warnings = [w for w in result.warnings if w.vm == "agent"]
+    if warned is None:
+        assert warnings == []
+    else:
+        (warning,) = warnings
+        assert f"the snapshot's memory is {warned}" in warning.summary
+        assert "cocoon falls back to copy" in warning.summary
+        assert warning.file == "vms/agent.yaml"
+        assert "warnings" not in vm.model_dump()  # lifted into the plan, not repeated per VM
+
+
+def _state_build(build: HypervisorBuild | None, **settings: Any) -> NodeView:
+    node_view = view([], settings=_settings(**settings), cocoon=V0_6)
+    assert node_view.state is not None
+    return node_view.model_copy(
+        update={"state": node_view.state.model_copy(update={"cloud_hypervisor": build})}
+    )
+
+
+@pytest.mark.parametrize(
+    ("recorded", "setting", "build", "mode"),
+    [
+        (None, None, HypervisorBuild.UPSTREAM, RestoreMode.COPY),  # nothing says: a stock build
+        (HypervisorBuild.COCOONSTACK, None, HypervisorBuild.COCOONSTACK, RestoreMode.MMAP),
+        (HypervisorBuild.UPSTREAM, None, HypervisorBuild.UPSTREAM, RestoreMode.COPY),
+        (None, "cocoonstack", HypervisorBuild.COCOONSTACK, RestoreMode.MMAP),
+        (HypervisorBuild.COCOONSTACK, "cocoonstack", HypervisorBuild.COCOONSTACK, RestoreMode.MMAP),
+    ],
+)
+def test_the_build_comes_from_the_setting_else_the_exported_state(
+    recorded: HypervisorBuild | None, setting: str | None, build: HypervisorBuild, mode: RestoreMode
+) -> None:
+    settings = {} if setting is None else {"cloudHypervisor": setting}
+    result = plan([clone_input(node=_settings(**settings))], _state_build(recorded, **settings))
+    assert [n.cloud_hypervisor for n in result.nodes] == [build]
+    assert only(result).restore_mode is mode
+
+
+def test_a_setting_and_an_exported_state_naming_other_builds_are_refused() -> None:
+    node_view = _state_build(HypervisorBuild.COCOONSTACK, cloudHypervisor="upstream")
+    with pytest.raises(StateError) as raised:
+        plan([clone_input(node=node_view.settings)], node_view)
+    assert raised.value.summary == (
+        f"node {NODE}: cloudHypervisor says upstream, and its exported state says cocoonstack"
+    )
+    assert "--cloud-hypervisor upstream" in raised.value.hint
 
 
 def test_v0_3_refuses_mmap() -> None:

@@ -346,6 +346,8 @@ def test_ansi_escapes_in_a_file_name_never_reach_the_terminal(tmp_path: Path) ->
     assert failed.exit_code == 1
     assert failed.stderr == (
         "Error: \\x1b]0;owned\\x07bad.yaml:8:3: spec.cpu: Input should be a valid integer\n"
+        "hint: fix the value there; vmspec.schema.json lists every field and its type "
+        "(`cocoonplan schemas --dir DIR` writes it)\n"
     )
 
 

@@ -92,7 +92,31 @@ def test_bad_input_is_refused_with_location(project: Path, case: str, command: s
     assert result.stdout == ""
     assert result.stderr.startswith("Error: ")
     assert expected in result.stderr
+    assert result.stderr.splitlines()[-1].startswith("hint: "), "every refusal says what to do"
     assert tree(project) == before, "bad input must change nothing on disk"
+
+
+@pytest.mark.parametrize(
+    ("file", "text", "schema"),
+    [
+        ("bad.yaml", GOOD + "  memroy: 1G\n", "vmspec.schema.json"),
+        (
+            "cocoonplan.yaml",
+            "apiVersion: cocoonplan/v1alpha1\nkind: Project\nnodse: {}\n",
+            "project.schema.json",
+        ),
+    ],
+)
+def test_a_validation_error_points_at_the_schema(project: Path, file: str, text: str, schema: str) -> None:
+    (project / file).write_text(text)
+    result = run_cli(["validate", "."], project)
+    assert result.exit_code == 1
+    first, hint = result.stderr.splitlines()
+    assert first.startswith(f"Error: {file}:") and "unknown field" in first
+    assert hint == (
+        f"hint: fix the value there; {schema} lists every field and its type "
+        "(`cocoonplan schemas --dir DIR` writes it)"
+    )
 
 
 def test_every_error_of_a_document_is_listed(project: Path) -> None:

@@ -15,12 +15,15 @@ import pytest
 
 from clirunner import copy_examples, example_builder, plan_json, run_cli, vm_entry
 from cocoonplan.cocoon import DiskRole, StorageConfig, storage_config_problems
+from cocoonplan.document import SCHEMA_HINT
 from ocifixture import snapshot, write_layout
 from test_spec import GOOD as SPEC
 
 build = example_builder()
 ARTIFACTS, _ = build.scenario()
 SOURCE_VM = ARTIFACTS[build.AGENT_SNAP].snapshot.vm  # type: ignore[union-attr]
+SPEC_HINT = "hint: " + SCHEMA_HINT.format(schema="vmspec.schema.json") + "\n"
+PROJECT_HINT = "hint: " + SCHEMA_HINT.format(schema="project.schema.json") + "\n"
 NODE = """apiVersion: cocoonplan/v1alpha1
 kind: Project
 registries:
@@ -86,7 +89,7 @@ def test_spec_values_are_strict_and_bounded(project: Path, case: str) -> None:
     result = run_cli(["validate", "bad.yaml"], project)
     assert result.exit_code == 1
     assert result.stdout == ""
-    assert result.stderr == f"Error: bad.yaml:{expected}\n"
+    assert result.stderr == f"Error: bad.yaml:{expected}\n" + SPEC_HINT
 
 
 def test_labels_hold_no_control_characters(project: Path) -> None:
@@ -97,6 +100,7 @@ def test_labels_hold_no_control_characters(project: Path) -> None:
     assert result.exit_code == 1
     assert result.stderr == (
         "Error: bad.yaml:5:3: metadata.labels: labels may hold printable characters only, not '\\x1b[31mred'\n"
+        + SPEC_HINT
     )
 
 
@@ -152,7 +156,7 @@ def test_node_settings_are_checked(project: Path, case: str) -> None:
     result = run_cli(["plan", "agent-run.yaml", "--markdown"], project)
     assert result.exit_code == 1
     assert result.stdout == ""
-    assert result.stderr == f"Error: cocoonplan.yaml:{expected}\n"
+    assert result.stderr == f"Error: cocoonplan.yaml:{expected}\n" + PROJECT_HINT
 
 
 @pytest.mark.parametrize(
@@ -167,7 +171,7 @@ def test_host_cpus_are_a_bounded_integer(project: Path, cpus: str, expected: str
     (project / "cocoonplan.yaml").write_text(NODE.replace("cpus: 16", f"cpus: {cpus}"))
     result = run_cli(["validate", "agent-run.yaml"], project)
     assert result.exit_code == 1
-    assert result.stderr == f"Error: cocoonplan.yaml:8:5: nodes.node-a.cpus: {expected}\n"
+    assert result.stderr == f"Error: cocoonplan.yaml:8:5: nodes.node-a.cpus: {expected}\n" + PROJECT_HINT
 
 
 def test_a_root_dir_is_planned_normalized(project: Path) -> None:
@@ -238,3 +242,102 @@ def test_a_sane_snapshot_config_still_plans(project: Path) -> None:
     assert code == 0
     clone = vm_entry(document, "agent-clone")
     assert (clone["cpu"], clone["network"]) == (4, "cocoon-net.1")
+
+
+VMS_DB = "cloudhypervisor/db/vms.json"
+LEGACY = "46BZKCOI3T74VCLJPOYZQFNBDS"
+"""legacy-tool's record in examples/node: one CNI NIC, 10.22.0.11/16 via 10.22.0.1."""
+REPAIR = "hint: cocoon keeps this file consistent under its lock; restore it from the node, or repair it with cocoon"
+NOT_IPV4 = "is not an IPv4 address"
+NIC_CASES = {
+    "prefix-33": ("network.prefix", 33, "Input should be less than or equal to 32"),
+    "prefix-negative": ("network.prefix", -1, "Input should be greater than or equal to 0"),
+    "prefix-true": ("network.prefix", True, "Input should be a valid integer"),
+    "prefix-string": ("network.prefix", "16", "Input should be a valid integer"),
+    "ip-adding-a-parameter": (
+        "network.ip",
+        "10.22.0.10 init=/bin/sh",
+        f"'10.22.0.10 init=/bin/sh' {NOT_IPV4}",
+    ),
+    "ip-adding-fields": ("network.ip", "10.22.0.10:x:y", f"'10.22.0.10:x:y' {NOT_IPV4}"),
+    "ip-ipv6": ("network.ip", "fd00::5", f"'fd00::5' {NOT_IPV4}"),
+    "ip-leading-zeros": ("network.ip", "010.022.0.5", f"'010.022.0.5' {NOT_IPV4}"),
+    "gateway-adding-a-parameter": (
+        "network.gateway",
+        "10.22.0.1 rdinit=/x",
+        f"'10.22.0.1 rdinit=/x' {NOT_IPV4}",
+    ),
+    "mac-adding-an-option": (
+        "mac",
+        "62:43:fe:c7:b2:d0,tap=eth0",
+        "String should match pattern '^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$'",
+    ),
+    "tap-adding-an-option": (
+        "tap",
+        "tap0,mac=00:00:00:00:00:01",
+        "String should match pattern '^[A-Za-z0-9][A-Za-z0-9._-]{0,14}$'",
+    ),
+    "tap-too-long-for-linux": ("tap", "tap46BZKCOI-0123", "String should match pattern"),
+}
+
+
+def _set_nic(nic: dict[str, Any], field: str, value: Any) -> None:
+    *parents, name = field.split(".")
+    for parent in parents:
+        nic = nic[parent]
+    nic[name] = value
+
+
+@pytest.mark.parametrize("case", sorted(NIC_CASES))
+def test_a_vm_records_nic_is_checked(project: Path, case: str) -> None:
+    field, value, problem = NIC_CASES[case]
+    path = project / "node" / VMS_DB
+    document = json.loads(path.read_text())
+    _set_nic(document["vms"][LEGACY]["network_configs"][0], field, value)
+    path.write_text(json.dumps(document))
+    expected = f"Error: {VMS_DB}: VM {LEGACY} (legacy-tool): network_configs[0].{field}: {problem}"
+    for args in (["state", "export", "--root", "node"], ["plan", ".", "--markdown"]):
+        result = run_cli(args, project)
+        assert result.exit_code == 1, args
+        assert result.stdout == ""
+        first, hint = result.stderr.splitlines()
+        assert first.startswith(expected) and hint == REPAIR, result.stderr
+
+
+@pytest.mark.parametrize("case", sorted(NIC_CASES))
+def test_a_state_documents_nic_is_checked(project: Path, case: str) -> None:
+    field, value, problem = NIC_CASES[case]
+    exported = run_cli(["state", "export", "--root", "node"], project)
+    assert exported.exit_code == 0
+    document = json.loads(exported.stdout)
+    run = next(vm for vm in document["vms"] if vm["name"] == "agent-run")
+    _set_nic(run["nics"][0], field, value)
+    (project / "state.json").write_text(json.dumps(document))
+    config = project / "cocoonplan.yaml"
+    config.write_text(config.read_text().replace("state: node\n", "state: state.json\n"))
+    result = run_cli(["plan", ".", "--markdown"], project)
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    first, hint = result.stderr.splitlines()
+    assert first.startswith(
+        f"Error: {project / 'state.json'}: not a valid state document: "
+        f"VM {run['id']} (agent-run): nics.0.{field}: {problem}"
+    ), first
+    assert hint == "hint: export it again with `cocoonplan state export`"
+
+
+def test_sane_nic_values_still_plan(project: Path) -> None:
+    path = project / "node" / VMS_DB
+    document = json.loads(path.read_text())
+    nic = document["vms"][LEGACY]["network_configs"][0]
+    # An empty gateway (cocoon omits it) and the extreme prefixes are cocoon's to record.
+    nic["network"] = {"ip": "192.168.0.7", "prefix": 32}
+    nic["mac"] = nic["mac"].upper()
+    path.write_text(json.dumps(document))
+    assert run_cli(["plan", ".", "--markdown"], project).exit_code == 0
+    nic["network"] = {"ip": "192.168.0.7", "gateway": "192.168.0.1", "prefix": 0}
+    path.write_text(json.dumps(document))
+    exported = run_cli(["state", "export", "--root", "node"], project)
+    assert exported.exit_code == 0
+    legacy = next(vm for vm in json.loads(exported.stdout)["vms"] if vm["name"] == "legacy-tool")
+    assert legacy["nics"][0]["network"] == {"ip": "192.168.0.7", "gateway": "192.168.0.1", "prefix": 0}

@@ -323,3 +323,88 @@ def test_state_export_asks_the_cocoon_on_path(tmp_path: Path) -> None:
     assert json.loads(exported.stdout)["cocoon_version"] == "v0.6.4"
     without = run_cli(["state", "export", "--root", "node"], project, env={"PATH": "/nonexistent"})
     assert json.loads(without.stdout)["cocoon_version"] is None
+
+
+def _version_output(version: str) -> str:
+    return VERSION_OUTPUT.replace("v0.6.4", version)
+
+
+def test_a_v0_3_version_over_a_sqlite_root_is_refused(tmp_path: Path) -> None:
+    project = copy_examples(tmp_path / "examples", node_b=True)
+    evidence = "its root keeps its metadata in SQLite (meta/meta.db), which no v0.3 release has"
+    # What `cocoon version` printed, recorded in an exported state…
+    exported = json.loads(run_cli(["state", "export", "--root", "node-b"], project).stdout)
+    (project / "node-b.json").write_text(json.dumps(exported | {"cocoon_version": "v0.3.8"}))
+    result = run_cli(["plan", ".", "--state", "node-b=node-b.json"], project)
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    assert f"node node-b: its exported state says cocoon v0.3.8, but {evidence}" in result.stderr
+    assert "state export --cocoon" in result.stderr
+    # …is refused when exported, too: no plan would take such a document.
+    binary = _fake_cocoon(tmp_path, _version_output("v0.3.8"))
+    refused = run_cli(["state", "export", "--root", "node-b", "--cocoon", str(binary)], project)
+    assert refused.exit_code == 1 and refused.stdout == ""
+    assert f"version` says v0.3.8, but {evidence}" in refused.stderr
+    # The cocoonVersion setting is checked the same way.
+    config = project / "cocoonplan.yaml"
+    config.write_text(config.read_text() + "    cocoonVersion: v0.3.8\n")
+    result = run_cli(["plan", "."], project)
+    assert result.exit_code == 1
+    assert f"node node-b: cocoonVersion says v0.3.8, but {evidence}" in result.stderr
+    assert "set cocoonVersion for node-b" in result.stderr
+    # A JSON root on the v0.6 line is a legacy root: no contradiction.
+    config.write_text(config.read_text().replace("cocoonVersion: v0.3.8", "cocoonVersion: v0.6.4"))
+    assert run_cli(["plan", "."], project).exit_code == 0
+    legacy = _project(tmp_path / "legacy", "cocoonVersion: v0.6.4")
+    assert run_cli(["plan", "."], legacy).exit_code == 0
+
+
+def test_a_metadata_file_read_from_its_prev_generation_is_a_warning(tmp_path: Path) -> None:
+    project = _project(tmp_path, "cocoonVersion: v0.6.4")  # .prev files are a later cocoon's
+    vms = project / "node/cloudhypervisor/db/vms.json"
+    shutil.copy(vms, vms.with_name("vms.json.prev"))
+    vms.write_bytes(vms.read_bytes()[:40])  # a torn write: cocoon reads the .prev generation
+    code, document = plan_json(project)
+    assert code == 0, document["errors"]
+    (warning,) = [w for w in document["warnings"] if ".prev" in w["summary"]]
+    assert warning["summary"].startswith("node node-a: cloudhypervisor/db/vms.json cannot be decoded")
+    assert "read cloudhypervisor/db/vms.json.prev instead" in warning["summary"]
+    # The VMs of the .prev generation: legacy-tool, left alone as cocoonplan did not create it.
+    assert any(w["vm"] == "legacy-tool" for w in document["warnings"])
+    assert "cloudhypervisor/db/vms.json.prev instead" in run_cli(["plan", "."], project).stdout
+    exported = run_cli(["state", "export", "--root", "node"], project)
+    assert exported.exit_code == 0
+    assert "warning: cloudhypervisor/db/vms.json cannot be decoded" in exported.stderr
+    state = json.loads(exported.stdout)
+    assert [line.split(" (")[0] for line in state["recovered"]] == [
+        "cloudhypervisor/db/vms.json cannot be decoded"
+    ]
+    # A plan from the exported document warns as one from the root does.
+    (project / "state.json").write_text(exported.stdout)
+    from_export = plan_json(project, "--state", "node-a=state.json")[1]
+    assert warning in from_export["warnings"]
+
+
+@pytest.mark.parametrize(("build", "mode"), [("cocoonstack", "mmap"), ("upstream", "copy")])
+def test_the_exported_cloud_hypervisor_build_decides_the_restore_mode(
+    tmp_path: Path, build: str, mode: str
+) -> None:
+    project = _project(tmp_path, vsock=True)
+    binary = _fake_cocoon(tmp_path, VERSION_OUTPUT)
+    args = ["state", "export", "--root", "node", "--cocoon", str(binary), "--cloud-hypervisor", build]
+    exported = run_cli(args, project)
+    assert exported.exit_code == 0, exported.stderr
+    assert json.loads(exported.stdout)["cloud_hypervisor"] == build
+    (project / "state.json").write_text(exported.stdout)
+    code, document = plan_json(project, "--state", "node-a=state.json")
+    assert code == 0, document["errors"]
+    assert document["nodes"][0]["cloud_hypervisor"] == build
+    assert vm_entry(document, "agent-clone")["restore_mode"] == mode
+    # The node's setting wins when it agrees, and a contradiction is refused.
+    other = "upstream" if build == "cocoonstack" else "cocoonstack"
+    config = project / "cocoonplan.yaml"
+    config.write_text(
+        config.read_text().replace("    cpus: 16\n", f"    cpus: 16\n    cloudHypervisor: {other}\n")
+    )
+    result = run_cli(["plan", ".", "--state", "node-a=state.json"], project)
+    assert result.exit_code == 1
+    assert f"node node-a: cloudHypervisor says {other}, and its exported state says {build}" in result.stderr

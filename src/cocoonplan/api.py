@@ -17,18 +17,30 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 
 import httpx
 
 from cocoonplan import __version__, defaults
 from cocoonplan.atomic import update_file
-from cocoonplan.context import ProjectContext, display_path, find_project, load_all
+from cocoonplan.cocoon import MetadataEngine
+from cocoonplan.context import ProjectContext, display_path, load_all, require_project
+from cocoonplan.context import find_project as find_project  # callers find a project through api
 from cocoonplan.errors import ApplyError, CocoonplanError, ProofError, SpecError, StateError
-from cocoonplan.executors.apply import NodeTarget, World, apply_node, check_fresh, record_adoption
+from cocoonplan.executors.apply import (
+    NodeTarget,
+    World,
+    apply_node,
+    check_fresh,
+    left_to_cocoon,
+    record_adoption,
+    resumed_builds,
+)
 from cocoonplan.executors.blobs import BlobProgress
 from cocoonplan.executors.cocoon import CocoonCLI
-from cocoonplan.executors.lease import hold, release
+from cocoonplan.executors.lease import ensure_held, hold
+from cocoonplan.executors.lease import force_unlock as force_unlock_lease
 from cocoonplan.lock import LockedDigests, LockEntry, LockFile, RefKind, encode_lock, read_lock
 from cocoonplan.observed import NodeState
 from cocoonplan.oci.reference import parse_reference
@@ -39,7 +51,7 @@ from cocoonplan.planner.compile import summarize
 from cocoonplan.planner.model import BlobKind, LockChange, VMPlan
 from cocoonplan.planner.rules import RULES
 from cocoonplan.planner.steps import CONTENT_STEPS, Step, compile_steps
-from cocoonplan.project import LOCK_FILE, NodeConfig
+from cocoonplan.project import LOCK_FILE, HypervisorBuild, NodeConfig
 from cocoonplan.proof.boot import prove
 from cocoonplan.proof.host import KERNEL_ROOT_VARIABLE, KvmMode, choose_machine, missing_prerequisites
 from cocoonplan.proof.target import BootTarget, node_target, planned_target
@@ -49,7 +61,7 @@ from cocoonplan.resolvers.content import Content
 from cocoonplan.resolvers.network import read_default_network
 from cocoonplan.resolvers.node import DEFAULT_ROOT_DIR, read_node_root
 from cocoonplan.resolvers.pins import Pinner
-from cocoonplan.resolvers.release import node_release, read_cocoon_version
+from cocoonplan.resolvers.release import layout_contradiction, node_release, read_cocoon_version
 from cocoonplan.resolvers.resolution import (
     node_locations,
     read_nodes,
@@ -241,6 +253,7 @@ def export_state(
     run_dir: str | None = None,
     cni_conf_dir: Path | None = None,
     cocoon: str | None = None,
+    cloud_hypervisor: HypervisorBuild | None = None,
 ) -> NodeState:
     """Read the cocoon root found at ``root`` (relative to the working directory) for export.
 
@@ -248,9 +261,12 @@ def export_state(
     and ``--run-dir`` (default ``<root_dir>/run``): the paths its records hold. ``cni_conf_dir``
     (the node's ``--cni-conf-dir`` or a copy) gives the state its ``default_network``;
     ``cocoon`` (the node's cocoon binary; default: ``cocoon`` on ``PATH``, when there is one) its
-    ``cocoon_version``, from ``cocoon version``.
-    Raises StateError when the root or conf dir cannot be read or contradicts itself, or the
-    binary does not answer; nothing is written.
+    ``cocoon_version``, from ``cocoon version``; ``cloud_hypervisor`` its Cloud Hypervisor build
+    (as given: nothing the CH binary prints tells cocoonstack's fork from a stock release).
+    The result's ``recovered`` lists the metadata files read from their ``.prev`` generation.
+    Raises StateError when the root or conf dir cannot be read or contradicts itself, the
+    binary does not answer, or it names a release that cannot have written the root; nothing
+    is written.
     """
     state = read_node_root(environment.cwd / root, root_dir or DEFAULT_ROOT_DIR, run_dir)
     found: dict[str, str | None] = {}
@@ -259,14 +275,38 @@ def export_state(
     # On the node itself its cocoon is on PATH: ask it, unless told which binary to ask.
     binary = cocoon or shutil.which("cocoon", path=environment.env.get("PATH"))
     if binary is not None:
-        found["cocoon_version"] = read_cocoon_version(binary, environment.env)
+        version = read_cocoon_version(binary, environment.env)
+        _refuse_contradiction(root, binary, version, state)
+        found["cocoon_version"] = version
+    if cloud_hypervisor is not None:
+        found["cloud_hypervisor"] = cloud_hypervisor
     return state.model_copy(update=found)
 
 
-def node_root(node: str, environment: Environment, roots: Sequence[str] = ()) -> Path:
+def _refuse_contradiction(root: Path, binary: str, version: str, state: NodeState) -> None:
+    """A document that no plan would accept is not written: a binary of a release that cannot
+    have written this root is another node's, or the root is."""
+    try:
+        line = line_of(version)
+    except ValueError:
+        return  # recorded as printed: planning names the unsupported version
+    evidence = layout_contradiction(line, state)
+    if evidence is not None:
+        raise StateError(
+            f"{root}: `{binary} version` says {version}, but {evidence}",
+            hint="pass the node's own cocoon binary with --cocoon, or export the root of the node it runs on",
+        )
+
+
+def node_root(
+    node: str, environment: Environment, roots: Sequence[str] = (), context: ProjectContext | None = None
+) -> Path:
     """The local directory of node ``node``'s cocoon root, where apply writes: ``--root`` for
-    it, else its ``state:`` when that is a directory (an exported document cannot be written)."""
-    context = find_project([Path()], environment.cwd)
+    it, else its ``state:`` when that is a directory (an exported document cannot be written).
+    ``context`` is the project declaring the node (default: the working directory's, which
+    must have one)."""
+    if context is None:
+        context = require_project([Path()], environment.cwd, command="cocoonplan")
     settings = context.project.nodes.get(node)
     if settings is None:
         raise CocoonplanError(
@@ -285,8 +325,10 @@ def node_root(node: str, environment: Environment, roots: Sequence[str] = ()) ->
 
 
 def force_unlock(node: str, lease_id: str, environment: Environment, roots: Sequence[str] = ()) -> None:
-    """Remove node ``node``'s apply lease ``lease_id`` (another ID is refused)."""
-    release(node_root(node, environment, roots), lease_id)
+    """Remove node ``node``'s apply lease ``lease_id`` (another ID is refused); the node is
+    the working directory's project's, which must have one."""
+    context = require_project([Path()], environment.cwd, command="`cocoonplan force-unlock`")
+    force_unlock_lease(node_root(node, environment, roots, context), node, lease_id)
 
 
 @dataclass(frozen=True)
@@ -295,6 +337,8 @@ class ApplyResult:
 
     steps: tuple[Step, ...]
     created: dict[str, dict[str, str]]
+    left_to_cocoon: tuple[Step, ...] = ()
+    """Steps ``--content-only`` left for the node's cocoon (image records on SQLite nodes)."""
 
 
 def apply(
@@ -306,9 +350,15 @@ def apply(
     lock_wait: timedelta = timedelta(0),
     progress: BlobProgress,
     roots: Sequence[str] = (),
+    project: Sequence[Path] = (),
 ) -> ApplyResult:
     """Carry out ``saved`` (a plan read by :func:`cocoonplan.planfile.read_plan`, its digest
     checked) on its nodes: steps → lease → freshness → execute → prove, node by node.
+
+    The plan records no path to its project (its content says what it plans, not where it was
+    made or written), so the project is the first found at or above one of ``project``
+    (paths relative to the working directory, tried in order; default: the working directory);
+    none found raises, naming where it looked.
 
     ``content_only`` runs the content steps alone (no cocoon binary needed). Raises before
     changing anything when the plan cannot be carried out or is stale.
@@ -316,9 +366,9 @@ def apply(
     steps = compile_steps(saved, targets)
     if content_only:
         steps = tuple(step for step in steps if step.kind in CONTENT_STEPS)
-    context = find_project([Path()], environment.cwd)
+    context = require_project(project or [Path()], environment.cwd, command="`cocoonplan apply`")
     nodes = sorted({step.node for step in steps})
-    locals_ = {node: node_root(node, environment, roots) for node in nodes}
+    locals_ = {node: node_root(node, environment, roots, context) for node in nodes}
 
     def read_state(node: str) -> NodeState:
         settings = context.project.nodes[node]
@@ -330,6 +380,7 @@ def apply(
         return plan([context.directory / f for f in files], environment, roots=overrides)
 
     created: dict[str, dict[str, str]] = {}
+    deferred: list[Step] = []
     with environment.http() as client, open_sources(context, client, environment.env) as sources:
         # Every node's cocoon is asked first: a release the plan was not made for changes nothing.
         node_targets = {
@@ -346,7 +397,6 @@ def apply(
         }
         for node in nodes:
             target = node_targets[node]
-            world = World({node: target}, sources, progress, environment.clock, read_state, replan)
             with hold(
                 locals_[node],
                 node=node,
@@ -357,10 +407,19 @@ def apply(
                 clock=environment.clock,
                 sleep=time.sleep,
                 wait=lock_wait,
-            ):
-                check_fresh(saved, node, read_state(node), targets)
-                created[node] = apply_node(saved, [s for s in steps if s.node == node], node, world).created
-    return ApplyResult(steps=steps, created=created)
+            ) as lease:
+                held = partial(ensure_held, locals_[node], node, lease)
+                world = World({node: target}, sources, progress, environment.clock, read_state, replan, held)
+                state = read_state(node)
+                # A kill -9 mid-apply: what this same plan already built is checked and not redone.
+                resumed = resumed_builds(saved, node, state, locals_[node], targets)
+                check_fresh(saved, node, state, targets, resumed)
+                node_steps = [s for s in steps if s.node == node]
+                deferred += left_to_cocoon(node_steps, target)
+                node_steps = [s for s in node_steps if s not in deferred]
+                created[node] = apply_node(saved, node_steps, node, world, targets, resumed).created
+    done = tuple(step for step in steps if step not in deferred)
+    return ApplyResult(steps=done, created=created, left_to_cocoon=tuple(deferred))
 
 
 @dataclass(frozen=True)
@@ -373,6 +432,8 @@ class Adoption:
     """That VM's entry: how it differs from the spec."""
     local: Path
     """The node's cocoon root directory, where its ownership record is written."""
+    settings: NodeConfig
+    """The node's settings in the spec's project (how its root is read)."""
 
     def shown(self) -> Plan:
         """The plan of this VM alone, to show before it is imported."""
@@ -395,8 +456,11 @@ def plan_import(
     """Plan the VM ``name`` on ``node``, which cocoonplan did not create, against the spec file
     ``spec`` as if cocoonplan owned it; nothing is written. Raises when the spec does not
     define it, the node has no root reachable from here, the VM is missing or already owned,
-    or the spec cannot make it (another mode, an error planning it)."""
-    local = node_root(node, environment, roots)
+    or the spec cannot make it (another mode, an error planning it). The node is the one the
+    spec's project (at or above the spec file) declares."""
+    context = require_project([spec], environment.cwd, command="`cocoonplan import`")
+    local = node_root(node, environment, roots, context)
+    settings = context.project.nodes[node]
     _, specs = load_all([spec], environment.cwd)
     if not any(s.spec.spec.node == node and s.spec.name == name for s in specs):
         defined = ", ".join(sorted(f"{s.spec.spec.node}/{s.spec.name}" for s in specs)) or "no VM"
@@ -405,7 +469,7 @@ def plan_import(
             file=str(spec),
             hint=f"give the spec file that defines VM {name} on node {node}",
         )
-    state = _local_state(node, local, environment)
+    state = _local_state(local, settings)
     observed = state.vm_named(name)
     if observed is None:
         raise StateError(
@@ -426,11 +490,10 @@ def plan_import(
             f"VM {name} on node {node} cannot be imported now: {vm.reason}",
             hint="import it once cocoon records it as running, stopped or created",
         )
-    return Adoption(plan=planned, vm=vm, local=local)
+    return Adoption(plan=planned, vm=vm, local=local, settings=settings)
 
 
-def _local_state(node: str, local: Path, environment: Environment) -> NodeState:
-    settings = find_project([Path()], environment.cwd).project.nodes[node]
+def _local_state(local: Path, settings: NodeConfig) -> NodeState:
     return read_node_root(local, settings.root_dir, settings.run_dir)
 
 
@@ -448,7 +511,7 @@ def adopt(adoption: Adoption, environment: Environment) -> str:
         clock=environment.clock,
         sleep=time.sleep,
     ):
-        state = _local_state(vm.node, adoption.local, environment)
+        state = _local_state(adoption.local, adoption.settings)
         observed = state.vm_named(vm.name)
         if (
             observed is not None
@@ -482,6 +545,7 @@ def apply_target(
             command=tuple(shlex.split(settings.cocoon)),
             root_dir=settings.root_dir,
             run_dir=settings.effective_run_dir,
+            dns=settings.dns,
             env=environment.env,
         )
         running = cocoon.version()
@@ -497,7 +561,12 @@ def apply_target(
                 f"({planned.version}, {planned.source})",
                 hint="set the node's cocoonVersion to what it runs, plan again and review",
             )
-    return NodeTarget(node, local, RULES[line], state.metadata_engine, cocoon)
+    engine = state.metadata_engine
+    if engine is None and line is CocoonLine.V0_6:
+        # A root without metadata is one cocoon will give the SQLite store (cocoon-later.md §2.1,
+        # ResolveMetaBackend): writing images.json there would make cocoon keep the JSON engine.
+        engine = MetadataEngine.SQLITE
+    return NodeTarget(node, local, RULES[line], engine, cocoon)
 
 
 BOOT_TIMEOUT_SECONDS = defaults.BOOT_TIMEOUT_SECONDS

@@ -19,10 +19,18 @@ directory. So every write (``render``, ``plan --out``, ``lock``, ``schemas``, th
   relative to the directory's descriptor, then fsyncs the directory: a crash leaves the old
   file or the new one, never a mix; on any failure the temporary file is removed.
 
-Files cocoonplan reads back from where it wrote them (rendered files, cache entries) are read
-through the same walk: a link, FIFO or device there is refused, never followed or waited on.
-Every failure is a :class:`CocoonplanError` naming the path, with a hint; nothing raises a
+Files cocoonplan reads back from where it wrote them (rendered files, cache entries), and every
+file it reads from a repository (specs, the project file, the lock, an OCI layout's index and
+blobs), are read through the same walk (:func:`open_regular`, :func:`read_bounded`): a link
+anywhere below the named directory, a FIFO or a device is refused, never followed, opened or
+waited on, and a read stops a byte past its limit. A pull request can commit a link to
+``/dev/stdin`` or to a FIFO as easily as a file.
+Every failure is a :class:`CocoonplanError` naming the path, with a hint (a read's is a
+:class:`ReadError`, which a reader can name the file in its own way); nothing raises a
 bare ``OSError``.
+
+:func:`check_directory` raises what writing into a directory would meet, so a command can
+refuse a bad output directory before it plans and prints anything.
 """
 
 from __future__ import annotations
@@ -37,11 +45,14 @@ from pathlib import Path
 from typing import BinaryIO
 
 from cocoonplan.errors import CocoonplanError
+from cocoonplan.nodefs import describe
 
 _DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _TEMPORARY = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: opening a FIFO planted under a file's name must not wait for a writer.
-_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+# O_NOCTTY: a terminal swapped in after the lstat must not become the controlling terminal.
+_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+_CHUNK = 1 << 20
 
 _HINTS = {
     errno.EACCES: "make the directory writable for this user, or choose another one",
@@ -55,9 +66,43 @@ _HINTS = {
 }
 
 
-def _failure(action: str, path: Path, exc: OSError) -> CocoonplanError:
+_READ_HINTS = {
+    errno.EACCES: "make it readable for this user (and its directories searchable)",
+    errno.EPERM: "make it readable for this user (and its directories searchable)",
+}
+READ_REFUSED_HINT = (
+    "cocoonplan reads only regular files and never follows a link: put the file itself there, or remove it"
+)
+
+
+class ReadError(CocoonplanError):
+    """A file could not be read as a regular file: it is a link, directory, FIFO or device, a
+    directory on its way is, or the OS refused. :attr:`reason` says why without naming the file
+    and :meth:`about` says it naming the file another way, so each reader names it as its users
+    know it (a spec by its project path, a layout blob by its digest)."""
+
+    def __init__(self, path: Path, reason: str, *, hint: str, refused: bool, itself: bool = True) -> None:
+        self.path = path
+        self.reason = reason
+        self._refused = refused
+        self._itself = itself
+        super().__init__(self.about(str(path)), hint=hint)
+
+    def about(self, name: str) -> str:
+        """The message naming the file ``name`` (an error of a directory on the way names that)."""
+        name = name if self._itself else str(self.path)
+        return f"{name} {self.reason}" if self._refused else f"cannot read {name}: {self.reason}"
+
+
+def _failure(action: str, path: Path, exc: OSError, *, itself: bool = True) -> CocoonplanError:
+    reason = exc.strerror or str(exc)
+    if action == "read":
+        hint = _READ_HINTS.get(exc.errno or 0) or _HINTS.get(
+            exc.errno or 0, "check the path and its permissions"
+        )
+        return ReadError(path, reason, hint=hint, refused=False, itself=itself)
     return CocoonplanError(
-        f"cannot {action} {path}: {exc.strerror or exc}",
+        f"cannot {action} {path}: {reason}",
         hint=_HINTS.get(exc.errno or 0, "check the path and its permissions"),
     )
 
@@ -78,11 +123,12 @@ def _not_a_file(path: Path, kind: str) -> CocoonplanError:
 def _refusal(action: str, path: Path, exc: OSError) -> CocoonplanError:
     """The error for a directory that could not be opened: a link is named as such."""
     if path.is_symlink():
-        return CocoonplanError(
-            f"{path} is a symbolic link, not a directory; cocoonplan never writes or reads through links",
-            hint="replace the link with a real directory, or name the directory it points to",
-        )
-    return _failure(action, path, exc)
+        reason = "is a symbolic link, not a directory; cocoonplan never writes or reads through links"
+        hint = "replace the link with a real directory, or name the directory it points to"
+        if action == "read":
+            return ReadError(path, reason, hint=hint, refused=True, itself=False)
+        return CocoonplanError(f"{path} {reason}", hint=hint)
+    return _failure(action, path, exc, itself=False)
 
 
 def _parts(directory: Path, name: str) -> list[str]:
@@ -163,6 +209,36 @@ def check_target(directory: Path, name: str) -> None:
         _check_target(dir_fd, parts[-1], directory.joinpath(*parts))
     finally:
         os.close(dir_fd)
+
+
+def check_directory(directory: Path, *, writable: bool = True) -> None:
+    """Raise the error using ``directory`` as an output directory would meet, so a command can
+    refuse it before it plans or prints anything: a link or a file where the directory belongs,
+    a path under a file, and (``writable``) a directory, or the nearest existing parent of a
+    missing one, that this user cannot create files in (probed by creating one exclusively and
+    removing it). Nothing is left behind; a missing directory is not created."""
+    try:
+        fd = _walk(directory, (), create=False)
+        where = directory
+    except FileNotFoundError:
+        if not writable:
+            return
+        where = next((p for p in directory.parents if os.path.lexists(p)), Path("/"))
+        try:
+            fd = os.open(where, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise _failure("write into", directory, exc) from exc
+    try:
+        if writable:
+            temporary = f".cocoonplan-probe.{secrets.token_hex(8)}.tmp"
+            try:
+                os.close(os.open(temporary, _TEMPORARY, 0o600, dir_fd=fd))
+            except OSError as exc:
+                raise _failure("write into", where, exc) from exc
+            with contextlib.suppress(OSError):
+                os.unlink(temporary, dir_fd=fd)
+    finally:
+        os.close(fd)
 
 
 class AtomicFile:
@@ -278,31 +354,48 @@ def open_regular(directory: Path, name: str) -> BinaryIO | None:
     except FileNotFoundError:
         return None
     try:
+        # lstat first: a FIFO or device is never opened (opening some has effects of its own).
+        mode = os.stat(parts[-1], dir_fd=dir_fd, follow_symlinks=False).st_mode
+        if not stat.S_ISREG(mode):
+            raise _not_read(path, mode)
         fd = os.open(parts[-1], _READ, dir_fd=dir_fd)
     except FileNotFoundError:
         return None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise _not_a_file(path, "a symbolic link") from exc
+            raise _not_read(path, stat.S_IFLNK) from exc
         raise _failure("read", path, exc) from exc
     finally:
         os.close(dir_fd)
     mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
+    if not stat.S_ISREG(mode):  # swapped in between
         os.close(fd)
-        raise _not_a_file(path, _kind(mode))
+        raise _not_read(path, mode)
     return os.fdopen(fd, "rb")
+
+
+def _not_read(path: Path, mode: int) -> ReadError:
+    reason = f"is {describe(mode)}, not a regular file; cocoonplan never writes or reads through it"
+    return ReadError(path, reason, hint=READ_REFUSED_HINT, refused=True)
 
 
 def read_bounded(directory: Path, name: str, limit: int | None) -> bytes | None:
     """``directory/name`` read as :func:`open_regular` opens it, None when absent; at most
-    ``limit + 1`` bytes, so a caller can tell a file longer than ``limit``."""
+    ``limit + 1`` bytes, so a caller can tell a file longer than ``limit``. Read a chunk at a
+    time: a small file costs its size, not the limit."""
     source = open_regular(directory, name)
     if source is None:
         return None
     with source:
         try:
-            return source.read() if limit is None else source.read(limit + 1)
+            if limit is None:
+                return source.read()
+            chunks: list[bytes] = []
+            left = limit + 1
+            while left and (chunk := source.read(min(left, _CHUNK))):
+                chunks.append(chunk)
+                left -= len(chunk)
+            return b"".join(chunks)
         except OSError as exc:
             raise _failure("read", directory / name, exc) from exc
 

@@ -25,6 +25,7 @@ import typer
 from cocoonplan import __version__
 from cocoonplan.defaults import BOOT_TIMEOUT_SECONDS, DEFAULT_ROOT_DIR
 from cocoonplan.errors import CocoonplanError
+from cocoonplan.project import HypervisorBuild
 from cocoonplan.proof.host import KERNEL_ROOT_VARIABLE, KvmMode
 
 # Each command imports what it uses when it runs, so `--version`, `--help` and completion
@@ -207,6 +208,19 @@ def _print_plan(
             _status(plain(line))
 
 
+def _check_output_directory(directory: Path | None, *, writable: bool = True) -> None:
+    """Refuse an output directory (``--markdown-dir``, ``render --dir``) that writing would
+    fail on, before anything is planned or printed: a plan printed in full and then an error
+    reads as if it had been written."""
+    from cocoonplan.atomic import check_directory
+
+    if directory is not None:
+        try:
+            check_directory(_here(directory), writable=writable)
+        except CocoonplanError as exc:
+            raise _fail(exc) from exc
+
+
 def _exit_code(plan: Plan, detailed: bool) -> int:
     if plan.errors:
         return 1
@@ -304,6 +318,7 @@ def plan(
     from cocoonplan import api
     from cocoonplan.planfile import write_plan
 
+    _check_output_directory(markdown_dir)
     try:
         result = api.plan(
             paths or [Path()],
@@ -350,6 +365,8 @@ def show(
     from cocoonplan.planner.steps import compile_steps
     from cocoonplan.render.escape import plain
 
+    if not steps:
+        _check_output_directory(markdown_dir)
     try:
         saved = read_plan(_here(planfile))
         planned = compile_steps(saved, target or []) if steps else None
@@ -412,6 +429,8 @@ def render(
     from cocoonplan.render.escape import plain
     from cocoonplan.render.text import render_human
 
+    # --check writes nothing: a missing directory is one whose files are all missing.
+    _check_output_directory(directory, writable=not check)
     try:
         rendered = api.render(paths or [Path()], _environment())
     except CocoonplanError as exc:
@@ -519,8 +538,11 @@ def apply(
     try:
         if len(paths) == 1 and _here(paths[0]).is_file() and paths[0].suffix not in (".yaml", ".yml"):
             chosen = read_plan(_here(paths[0]))
+            # The plan names no project directory: the working directory's, else the plan file's.
+            project = [Path(), paths[0]]
         else:
             chosen = api.plan(paths, environment, roots=root or [])
+            project = paths[:1]  # the project plan found (all paths share it)
             sys.stdout.write(_human(chosen))
             if not chosen.has_changes:
                 _status("Nothing to apply.")
@@ -536,13 +558,36 @@ def apply(
                 lock_wait=timedelta(seconds=lock_timeout),
                 progress=progress,
                 roots=root or [],
+                project=project,
             )
     except CocoonplanError as exc:
         raise _fail(exc) from exc
     for node, created in sorted(result.created.items()):
         for name, vm_id in sorted(created.items()):
             typer.echo(plain(f"{node}/{name}: created as {vm_id}"))
-    _status(f"Applied {len(result.steps)} step(s); the nodes run the plan.")
+    for step in result.left_to_cocoon:
+        _status(
+            plain(
+                f"{step.node}: image record {step.detail} left to cocoon (cocoonplan never writes a SQLite "
+                f"node's metadata): run `cocoon image pull {step.detail}` on the node, or a full apply will"
+            )
+        )
+    if content_only:
+        _status(_installed(result))
+    else:
+        _status(f"Applied {len(result.steps)} step(s); the nodes run the plan.")
+
+
+def _installed(result: api.ApplyResult) -> str:
+    """What ``apply --content-only`` put on the nodes, step kind by kind."""
+    from cocoonplan.planner.steps import StepKind
+
+    count = {kind: sum(step.kind is kind for step in result.steps) for kind in StepKind}
+    return (
+        f"Content only: {count[StepKind.FETCH_BLOB]} blob(s) fetched, {count[StepKind.CONVERT_LAYER]} "
+        f"layer(s) converted with their boot files, {count[StepKind.RECORD_IMAGE]} image record(s) "
+        "written; no VM changed."
+    )
 
 
 @app.command("import")
@@ -750,15 +795,28 @@ def state_export(
             help="The node's cocoon binary [default: cocoon on PATH]: records what `cocoon version` prints.",
         ),
     ] = None,
+    cloud_hypervisor: Annotated[
+        HypervisorBuild | None,
+        typer.Option(
+            "--cloud-hypervisor",
+            help="The node's Cloud Hypervisor build, recorded for the restore-mode choice: cocoonstack's "
+            "fork (`cocoon doctor --upgrade`) accepts the mmap restore, a stock release does not.",
+        ),
+    ] = None,
 ) -> None:
     """Print the node's state document (JSON) for a project's `state:`; no secrets, no local paths."""
     from cocoonplan import api
+    from cocoonplan.render.escape import plain
     from cocoonplan.resolvers.node import encode_state
 
     try:
-        state = api.export_state(root, _environment(), root_dir, run_dir, cni_conf_dir, cocoon)
+        state = api.export_state(
+            root, _environment(), root_dir, run_dir, cni_conf_dir, cocoon, cloud_hypervisor
+        )
     except CocoonplanError as exc:
         raise _fail(exc) from exc
+    for line in state.recovered:
+        _status(plain(f"warning: {line}"))
     sys.stdout.write(encode_state(state))
 
 

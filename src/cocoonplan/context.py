@@ -3,6 +3,7 @@ found and loaded with its specs: all a command needs offline."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,16 +27,59 @@ class ProjectContext(Model):
     """The project file, when one was found."""
 
     def resolve(self, relative: str) -> Path:
-        """Resolve a path written in the project file."""
-        return (self.directory / relative).resolve()
+        """Resolve a path written in the project file, but for its last component: a file
+        there (an exported state document) is read by its name, so a link committed in its
+        place is refused when read, never followed to what it names. A directory is opened
+        as named (see :mod:`cocoonplan.nodefs`)."""
+        path = self.directory / relative
+        if path.name in ("", ".", ".."):
+            return path.resolve()
+        return path.parent.resolve() / path.name
+
+    def cache_directory(self) -> Path:
+        """The cache directory the project file names (``cache:``), where cocoonplan writes.
+
+        Inside the project it is taken as written, and no component of it there may be a
+        symbolic link: one committed at ``.cocoonplan/cache`` (or at ``.cocoonplan``) would
+        make the cache write its blobs wherever the link points. A path outside the project
+        (an absolute one, say) is the project file's choice and is resolved as the OS does.
+        """
+        written = self.directory / self.project.cache
+        path = Path(os.path.normpath(written))
+        try:
+            inside = path.relative_to(self.directory)
+        except ValueError:
+            return written.resolve()
+        component = self.directory
+        for part in inside.parts:
+            component = component / part
+            if component.is_symlink():
+                shown = component.relative_to(self.directory).as_posix()
+                raise CocoonplanError(
+                    f"cache directory {self.project.cache}: {shown} is a symbolic link inside the "
+                    "project; cocoonplan never writes its cache through a link",
+                    hint="remove the link (a cache is never committed), or set `cache:` in "
+                    f"{PROJECT_FILE} to a directory outside the project",
+                )
+        return path
 
 
 def display_path(path: Path, base: Path) -> str:
-    """``path`` relative to ``base`` as messages and plans show it (as given when outside it)."""
+    """``path`` relative to ``base`` as messages and plans show it (as given when outside it).
+    A link is shown where it is, not where it points: it is refused when read, by its name."""
     try:
-        return path.resolve().relative_to(base).as_posix()
+        resolved = path.parent.resolve() / path.name if path.is_symlink() else path.resolve()
+        return resolved.relative_to(base).as_posix()
     except ValueError:
         return path.as_posix()
+
+
+def _holds_project_file(directory: Path) -> bool:
+    """Whether ``directory`` has a ``cocoonplan.yaml`` that is not a directory. A link, FIFO or
+    device of that name counts, to be refused when read: skipped, the search would go on to a
+    project file above, and plan against another project."""
+    candidate = directory / PROJECT_FILE
+    return os.path.lexists(candidate) and not (candidate.is_dir() and not candidate.is_symlink())
 
 
 def find_project(paths: Sequence[Path], cwd: Path) -> ProjectContext:
@@ -44,9 +88,7 @@ def find_project(paths: Sequence[Path], cwd: Path) -> ProjectContext:
     for path in paths or [cwd]:
         start = (cwd / path).resolve()
         start = start if start.is_dir() else start.parent
-        found.add(
-            next((d / PROJECT_FILE for d in (start, *start.parents) if (d / PROJECT_FILE).is_file()), None)
-        )
+        found.add(next((d / PROJECT_FILE for d in (start, *start.parents) if _holds_project_file(d)), None))
     if len(found) > 1:
         raise CocoonplanError(
             "the given paths belong to different projects: "
@@ -61,16 +103,40 @@ def find_project(paths: Sequence[Path], cwd: Path) -> ProjectContext:
     )
 
 
+def require_project(starts: Sequence[Path], cwd: Path, *, command: str) -> ProjectContext:
+    """The project of the first of ``starts`` (relative to ``cwd``; a file stands for its
+    directory) that has a ``cocoonplan.yaml`` at or above it. Commands that act on a node
+    declared there (``apply``, ``import``, ``force-unlock``) need one: without it they fail
+    saying where they looked, instead of finding the node undeclared in an empty project."""
+    searched: list[str] = []
+    for start in starts:
+        context = find_project([start], cwd)
+        if context.file is not None:
+            return context
+        directory = (cwd / start).resolve()
+        shown = str(directory if directory.is_dir() else directory.parent)
+        if shown not in searched:
+            searched.append(shown)
+    raise CocoonplanError(
+        f"no {PROJECT_FILE} in {' or above, nor in '.join(searched)} or above",
+        hint=f"run {command} in the project directory, or pass --chdir DIR naming it",
+    )
+
+
 def load_project(file: Path, display: str) -> Project:
     """Read and validate a project file; errors name file:line:column."""
     documents = read_documents(file, display)
     if len(documents) != 1:
-        raise SpecError("a project file holds exactly one YAML document", file=display)
+        raise SpecError(
+            "a project file holds exactly one YAML document",
+            file=display,
+            hint="remove the other documents (and the `---` lines between them)",
+        )
     document = documents[0]
     try:
         return Project.model_validate(document.data)
     except ValidationError as exc:
-        raise document.validation_error(exc) from exc
+        raise document.validation_error(exc, "project.schema.json") from exc
 
 
 def load_all(paths: Sequence[Path], cwd: Path) -> tuple[ProjectContext, list[LoadedSpec]]:

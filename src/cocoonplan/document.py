@@ -15,15 +15,14 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from cocoonplan.atomic import ReadError, read_bounded
 from cocoonplan.bounded import (
     MAX_ALIAS_NODES,
     MAX_DEPTH,
     MAX_YAML_BYTES,
     MAX_YAML_NODES,
     BoundedLoader,
-    InputLimitError,
     YAMLLimitError,
-    read_limited,
 )
 from cocoonplan.errors import SpecError
 
@@ -35,6 +34,10 @@ YAML_BOUNDS = (
 )
 LIMITS_HINT = f"cocoonplan reads only {YAML_BOUNDS}: keep the file within them"
 MALFORMED_HINT = "fix the YAML there (quote a value YAML would read as another type, such as a date)"
+SCHEMA_HINT = (
+    "fix the value there; {schema} lists every field and its type (`cocoonplan schemas --dir DIR` writes it)"
+)
+"""The hint of a validation error, formatted with the schema file of the document's kind."""
 PARSED_FILES = 4096
 """Parses :func:`parsed_text` keeps: a plan reads each spec file twice (its specs, then the
 project's index of the VMs every file defines), and parsing is most of what a spec costs."""
@@ -62,8 +65,9 @@ class LocatedDocument:
         line, column = self.locate(path)
         return SpecError(summary, file=self.file, line=line, column=column, hint=hint)
 
-    def validation_error(self, exc: ValidationError, hint: str = "") -> SpecError:
-        """Turn pydantic's errors into one SpecError located at the first, listing the rest."""
+    def validation_error(self, exc: ValidationError, schema: str = "vmspec.schema.json") -> SpecError:
+        """Turn pydantic's errors into one SpecError located at the first, listing the rest;
+        the hint points at ``schema``, the JSON Schema of the document's kind."""
         problems = []
         for item in exc.errors(include_url=False):
             path = tuple(p for p in item["loc"] if isinstance(p, str | int))
@@ -76,6 +80,7 @@ class LocatedDocument:
         problems.sort()
         line, column, first = problems[0]
         detail = "\n".join(f"  {self.file}:{ln}:{col}: {msg}" for ln, col, msg in problems[1:])
+        hint = SCHEMA_HINT.format(schema=schema)
         return SpecError(first, file=self.file, line=line, column=column, detail=detail, hint=hint)
 
 
@@ -103,10 +108,22 @@ def _convert(
             key = loader.construct_object(key_node, deep=True)
             if not isinstance(key, str | int):
                 line, column = _mark(key_node)
-                raise SpecError("mapping keys must be strings", file=file, line=line, column=column)
+                raise SpecError(
+                    "mapping keys must be strings",
+                    file=file,
+                    line=line,
+                    column=column,
+                    hint="write the key as plain text (quote it if YAML reads it as another type)",
+                )
             if key in result:
                 line, column = _mark(key_node)
-                raise SpecError(f"duplicate key {key!r}", file=file, line=line, column=column)
+                raise SpecError(
+                    f"duplicate key {key!r}",
+                    file=file,
+                    line=line,
+                    column=column,
+                    hint="keep one of the two: YAML would silently take the last",
+                )
             marks[(*path, key)] = _mark(key_node)
             result[key] = _convert(loader, value_node, (*path, key), marks, file)
         return result
@@ -150,13 +167,29 @@ def parse_documents(text: str, file: str) -> Iterator[LocatedDocument]:
 
 def read_yaml(path: Path, display: str, hint: str = LIMITS_HINT) -> str:
     """The text of a YAML file of at most MAX_YAML_BYTES; SpecError naming ``display`` otherwise,
-    with ``hint`` for a file too large."""
+    with ``hint`` for a file too large.
+
+    Read as every repository file is (:func:`cocoonplan.atomic.read_bounded`): a pull request
+    can commit a link to a FIFO or to ``/dev/stdin`` under a spec's name, so a link, FIFO or
+    device is refused, never followed or waited on."""
     try:
-        return read_limited(path, MAX_YAML_BYTES).decode("utf-8")
-    except InputLimitError as exc:
-        raise SpecError(f"the file is {exc}", file=display, hint=hint) from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError(f"cannot read file: {exc}", file=display) from exc
+        data = read_bounded(path.parent, path.name, MAX_YAML_BYTES)
+    except ReadError as exc:
+        raise SpecError(exc.about("the file"), file=display, hint=exc.hint) from exc
+    if data is None:
+        raise SpecError(
+            "cannot read the file: it no longer exists", file=display, hint="run the command again"
+        )
+    if len(data) > MAX_YAML_BYTES:
+        raise SpecError(f"the file is larger than {MAX_YAML_BYTES} bytes", file=display, hint=hint)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(
+            f"cannot read the file: not UTF-8 text: {exc.reason} at byte {exc.start}",
+            file=display,
+            hint="save the file as UTF-8",
+        ) from exc
 
 
 @functools.lru_cache(maxsize=PARSED_FILES)

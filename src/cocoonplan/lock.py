@@ -14,8 +14,9 @@ from typing import Literal
 
 from pydantic import ValidationError
 
-from cocoonplan.bounded import InputLimitError, read_limited
-from cocoonplan.errors import SpecError
+from cocoonplan.atomic import ReadError, read_bounded
+from cocoonplan.bounded import InputLimitError
+from cocoonplan.errors import CocoonplanError, SpecError
 from cocoonplan.model import Digest, Model
 
 MAX_LOCK_BYTES = 4 << 20
@@ -61,12 +62,20 @@ def read_lock(path: Path, display: str) -> LockFile:
     """Read the lock file; a missing file is an empty lock, a malformed one a SpecError.
 
     pydantic's JSON parser bounds nesting (about 200 levels, without recursing in Python) and
-    the digits of numbers itself; the size is bounded here."""
-    if not path.exists():
+    the digits of numbers itself; the size is bounded here. The file is read as every
+    repository file is (:func:`cocoonplan.atomic.read_bounded`): a link, FIFO or device there
+    is refused, never followed or waited on."""
+    try:
+        content = read_bounded(path.parent, path.name, MAX_LOCK_BYTES)
+    except ReadError as exc:
+        raise CocoonplanError(exc.about(display), hint=exc.hint) from exc
+    if content is None:
         return LockFile()
     try:
-        return LockFile.model_validate_json(read_limited(path, MAX_LOCK_BYTES))
-    except (OSError, InputLimitError, ValidationError) as exc:
+        if len(content) > MAX_LOCK_BYTES:
+            raise InputLimitError(f"larger than {MAX_LOCK_BYTES} bytes")
+        return LockFile.model_validate_json(content)
+    except (InputLimitError, ValidationError) as exc:
         # pydantic's own text spans lines and quotes the input: one line of field: problem.
         problem = (
             "; ".join(

@@ -84,9 +84,11 @@ class NodeConfig(Model):
     and what the root's layout shows."""
     cocoon: str = "cocoon"
     """The node's cocoon command for apply (a binary, with arguments if any, shell-quoted);
-    the global flags ``--root-dir`` and ``--run-dir`` follow from this node's settings."""
-    cloud_hypervisor: HypervisorBuild = Field(default=HypervisorBuild.UPSTREAM, alias="cloudHypervisor")
-    """Which Cloud Hypervisor build the node runs: it decides whether cocoon's ``mmap`` restore works."""
+    the global flags ``--root-dir``, ``--run-dir`` and ``--dns`` follow from this node's settings."""
+    cloud_hypervisor: HypervisorBuild | None = Field(default=None, alias="cloudHypervisor")
+    """Which Cloud Hypervisor build the node runs: it decides whether cocoon's ``mmap`` restore
+    works. Absent: the exported state's ``cloud_hypervisor``, else ``upstream``; when both say,
+    they must agree."""
 
     @field_validator("cocoon_version")
     @classmethod

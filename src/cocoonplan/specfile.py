@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,31 +35,71 @@ SCAN_HINT = (
     "or into a hidden directory"
 )
 VM_SHAPE = (("metadata", "name"), ("spec", "node"))
-"""Keys a VM spec always has; with ``spec.snapshot`` or ``spec.image`` they make a kind-less
-document recognisably a VM spec."""
+"""Keys a VM spec always has; with ``spec.snapshot`` or ``spec.image`` they make a document
+recognisably a VM spec, whatever its kind: ``metadata.name``, ``spec.node`` and one of
+``spec.snapshot``/``spec.image``, each present and not null. Kubernetes manifests do not have
+that shape (a pod's node is ``spec.nodeName``, its images are under ``spec.containers``)."""
+SHAPE_TEXT = "metadata.name, spec.node and spec.snapshot or spec.image"
+
+
+UNLISTABLE_HINT = (
+    "make it readable and searchable for this user, or exclude it: move it out of the project or "
+    "give it a hidden name (starting with `.`); a spec cocoonplan cannot read would look deleted"
+)
 
 
 def spec_files(paths: Sequence[Path], cwd: Path) -> list[Path]:
-    """The YAML files named, and those found below named directories, sorted, without duplicates."""
+    """The YAML files named, and those found below named directories, sorted, without duplicates.
+
+    A file named is taken as named: its directory is resolved, the file itself is not, so a
+    link there is refused when it is read. Below a directory (see :func:`_yaml_below`) every
+    entry of a YAML suffix that is not a directory counts, whatever it is.
+    """
     files: list[Path] = []
     for path in paths:
-        full = (cwd / path).resolve()
-        if full.is_dir():
-            files += sorted(
-                p
-                for p in full.rglob("*")
-                if p.suffix in SPEC_SUFFIXES
-                and p.is_file()
-                and p.name != PROJECT_FILE
-                and not any(part.startswith(".") for part in p.relative_to(full).parts)
-            )
-        elif full.is_file():
-            files.append(full)
+        named = cwd / path
+        if named.is_dir():
+            files += _yaml_below(named.resolve(), cwd)
+        elif os.path.lexists(named):
+            files.append(named.parent.resolve() / named.name)
         else:
             raise CocoonplanError(
                 f"{path}: no such file or directory", hint="name spec files or directories that exist"
             )
     return list(dict.fromkeys(files))
+
+
+def _yaml_below(root: Path, cwd: Path) -> list[Path]:
+    """Every ``*.yaml``/``*.yml`` entry below ``root`` but the project file, sorted; hidden
+    entries (and all below them) are skipped, and links to directories are not followed.
+
+    Nothing else is skipped: a link, FIFO or device of a YAML name is returned, to be refused
+    when read, and a directory that cannot be listed is an error naming it. Skipped, either
+    would make the VMs its specs define look removed, and a plan would delete them.
+    """
+    found: list[Path] = []
+    pending = [root]
+    while pending:
+        directory = pending.pop()
+        try:
+            with os.scandir(directory) as scan:
+                entries = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in scan]
+        except OSError as exc:
+            try:
+                shown = directory.relative_to(cwd.resolve()).as_posix()
+            except ValueError:
+                shown = str(directory)
+            raise CocoonplanError(
+                f"{shown}: cannot list the directory: {exc.strerror or exc}", hint=UNLISTABLE_HINT
+            ) from exc
+        for name, is_directory in entries:
+            if name.startswith("."):
+                continue
+            if is_directory:
+                pending.append(directory / name)
+            elif name.endswith(SPEC_SUFFIXES) and name != PROJECT_FILE:
+                found.append(directory / name)
+    return sorted(found)
 
 
 @dataclass(frozen=True)
@@ -95,7 +136,9 @@ def kind_mistake(data: dict[Any, Any]) -> tuple[str, str] | None:
     other tools' documents, which a GitOps repo may hold beside the specs.
 
     Skipping a mistyped VM document silently would make its VM look removed, and a plan
-    would delete it: these mistakes are errors instead.
+    would delete it: these mistakes are errors instead. So is a document of another kind and
+    apiVersion that is shaped like a VM spec (:data:`VM_SHAPE`): whatever its kind says, a
+    plan must not take the VM it defines for removed.
     """
     kind, api_version = data.get("kind"), data.get("apiVersion")
     ours = isinstance(api_version, str) and api_version.startswith(API_GROUP)
@@ -107,6 +150,14 @@ def kind_mistake(data: dict[Any, Any]) -> tuple[str, str] | None:
         if ours:
             return f"kind: missing in a document of apiVersion {api_version}", "did you mean kind: VM?"
         return None
+    near = next((k for k in KNOWN_KINDS if isinstance(kind, str) and kind.lower() == k.lower()), None)
+    if not ours and near != VM_KIND and _has_vm_shape(data):
+        # Another tool's kind would be skipped, and the VM this document defines deleted.
+        return (
+            f"kind: {kind!r} in a document shaped like a VM spec ({SHAPE_TEXT})",
+            f"did you mean kind: {VM_KIND}? Another tool's document must not have this shape "
+            "in the project: move it out, or into a hidden directory",
+        )
     if kind == PROJECT_KIND:
         # Only the nearest cocoonplan.yaml is read as the project file. Registries or nodes
         # written here would be ignored without a word, so ours is refused; other tools'
@@ -117,7 +168,6 @@ def kind_mistake(data: dict[Any, Any]) -> tuple[str, str] | None:
                 f"move it into {PROJECT_FILE}, the project file at or above the specs",
             )
         return None
-    near = next((k for k in KNOWN_KINDS if isinstance(kind, str) and kind.lower() == k.lower()), None)
     if near == PROJECT_KIND:
         return (
             f"kind: unknown kind {kind!r} (kinds are case-sensitive)",
@@ -205,7 +255,11 @@ def load_specs(path: Path, display: str, nodes: Collection[str]) -> list[LoadedS
     loaded = []
     for document in read_documents(path, display):
         if not isinstance(document.data, dict):
-            raise document.error((), "a document must be a mapping with apiVersion, kind, metadata and spec")
+            raise document.error(
+                (),
+                "a document must be a mapping with apiVersion, kind, metadata and spec",
+                hint="remove the document, or move the file out of the project or into a hidden directory",
+            )
         if mistake := kind_mistake(document.data):
             summary, hint = mistake
             raise document.error(("kind",), summary, hint=hint)

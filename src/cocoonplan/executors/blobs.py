@@ -23,6 +23,10 @@ Guarantees:
   protected hard links) it is copied, hashed as it is copied (:meth:`BlobCache.hand_off`). The
   cache may be repository-relative, so its entries are verified on every read (its own rule);
   the bytes are never hashed a second time after that. An entry that fails is dropped, not used.
+* **downloaded once per cache.** A downloaded blob is hard-linked into the cache as a verified
+  entry when the cache lies on the destination's file system, so the next node's apply takes
+  it from there instead of the registry. Not when the cache is on another file system: a copy
+  would double a snapshot's gigabytes of memory on disk (and fill its holes).
 * **present is not fetched.** A regular file of the right size under the final name is reported
   as present: only a verified file is ever renamed there. One of another size is replaced.
 * **kill -9 safe.** Only temporary names ever hold partial bytes. Temporary files here are the
@@ -237,6 +241,7 @@ def _fetch_one(
         progress.started(blob)
         with atomic_writer(destination, name) as out:
             download.run(out, retries, backoff)
+        _keep(sources.cache, blob, destination / name)
         fetched = done(outcome=Outcome.DOWNLOADED, requests=download.requests)
     progress.finished(fetched)
     return fetched
@@ -258,6 +263,24 @@ def _from_cache(cache: BlobCache, blob: BlobRequest, destination: Path, name: st
     """Place ``blob`` from its cache entry; None when there is no entry or it fails verification."""
     placed = cache.hand_off(_descriptor(blob), destination / name)
     return None if placed is None else _PLACED[placed]
+
+
+def _keep(cache: BlobCache, blob: BlobRequest, path: Path) -> None:
+    """Keep the verified download ``path`` as ``blob``'s cache entry when a hard link can: only
+    on one file system (see the module docstring); a cache that cannot take it is its concern."""
+    if _same_file_system(cache.root, path):
+        cache.adopt(_descriptor(blob), path)
+
+
+def _same_file_system(directory: Path, file: Path) -> bool:
+    """Whether ``directory`` (or, while it does not exist, its nearest existing parent) lies on
+    the file system of ``file``."""
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    try:
+        return directory.stat().st_dev == file.lstat().st_dev
+    except OSError:
+        return False
 
 
 class _Download:

@@ -32,19 +32,28 @@ OUTPUT_LIMIT = 16 * 1024 * 1024
 
 @dataclass(frozen=True)
 class CocoonCLI:
-    """One node's cocoon binary with its global flags."""
+    """One node's cocoon binary with its global flags: every node setting that is one of
+    cocoon's global flags (reference §11) is passed, so neither ``COCOON_*`` variables nor a
+    config file on the node can make cocoon do other than what was planned."""
 
     command: tuple[str, ...]
     """The binary and any arguments before cocoon's own (from the node's ``cocoon`` setting)."""
     root_dir: str
     run_dir: str
+    dns: tuple[str, ...]
+    """The node's ``dns`` setting: the servers the planned cmdline's ``ip=`` parameters name."""
     env: Mapping[str, str]
     timeout: float = 600.0
+
+    def global_flags(self) -> list[str]:
+        """cocoon's global flags for this node. ``--dns=`` joined by commas (cocoon's list
+        syntax); with ``=``, so that no servers is an empty setting rather than a missing value."""
+        return ["--root-dir", self.root_dir, "--run-dir", self.run_dir, f"--dns={','.join(self.dns)}"]
 
     def run(self, args: Sequence[str], *, feed: Callable[[IO[bytes]], None] | None = None) -> str:
         """Run ``cocoon <global flags> <args>``; its standard output, or an ApplyError naming the
         command and cocoon's own last error line. ``feed`` writes the command's standard input."""
-        argv = [*self.command, "--root-dir", self.root_dir, "--run-dir", self.run_dir, *args]
+        argv = [*self.command, *self.global_flags(), *args]
         shown = shlex.join(["cocoon", *args])
         try:
             process = subprocess.Popen(

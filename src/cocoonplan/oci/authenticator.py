@@ -8,13 +8,16 @@ The flow reacts to what the registry asks for in its 401 ``WWW-Authenticate`` ch
   ``expires_in`` runs out, and retry the request once with it;
 * ``Basic realm=...``: retry once with the credentials, and send them up front from then on.
 
-Each request is retried at most once; there is no retry loop. A token endpoint that refuses
-raises RegistryError naming the realm and the scope.
+Each request is retried at most once; there is no retry loop. A token endpoint that refuses,
+or answers with anything but a bearer token (RFC 6750's ``b64token``: ASCII letters, digits,
+``-._~+/`` and trailing ``=``, so nothing that could not or should not go into a header),
+raises RegistryError naming the realm and the scope; the token itself is never shown.
 
 The token request is part of the request it authenticates: it carries that request's
 extensions (the client's timeouts and the registry store's deadline), with its own body
-limit under :data:`BODY_LIMIT`. A realm is used only when credentials may be sent there
-(see :meth:`RegistryAuth.realm_url`).
+limit under :data:`BODY_LIMIT`; it asks for an unencoded answer, and its body is decoded
+(under that limit) whatever :data:`RAW_BODY` says for the request it authenticates. A realm
+is used only when credentials may be sent there (see :meth:`RegistryAuth.realm_url`).
 """
 
 from __future__ import annotations
@@ -37,7 +40,11 @@ _EXPIRY_MARGIN_SECONDS = 5
 MAX_TOKEN_BYTES = 1 << 20
 """The largest token answer read: registry tokens are JWTs of a few KiB."""
 BODY_LIMIT = "cocoonplan.body_limit"
-"""Request extension: the most bytes a successful answer to the request may have."""
+"""Request extension: the most bytes a successful answer to the request may have (decoded)."""
+RAW_BODY = "cocoonplan.raw_body"
+"""Request extension: True to take a successful answer's body as sent, never decoding it."""
+_BEARER_TOKEN = re.compile(r"[A-Za-z0-9._~+/-]+=*")
+"""RFC 6750's ``b64token``, the syntax of a bearer token in an Authorization header."""
 # Greedy name and anchored tail: a repository may itself contain a "blobs" or "manifests" component.
 _REPOSITORY_PATH = re.compile(r"^/v2/(?P<name>.+)/(?:manifests/[^/]+|blobs/[^/]+|tags/list)$")
 
@@ -167,12 +174,12 @@ class RegistryAuth(httpx.Auth):
         params = {key: challenge.params[key] for key in ("service", "scope") if challenge.params.get(key)}
         # copy_merge_params keeps any query the realm already carries (params= would replace it).
         url = self.realm_url(challenge.params["realm"], request.url).copy_merge_params(params)
-        headers = {"Accept": "application/json"}
+        headers = {"Accept": "application/json", "Accept-Encoding": "identity"}
         if self.credentials is not None:
             headers["Authorization"] = basic_header(self.credentials)
         # A request made here gets none of the client's settings: without the original's
         # extensions it would wait forever on a realm that accepts and never answers.
-        extensions = {**request.extensions, BODY_LIMIT: MAX_TOKEN_BYTES}
+        extensions = {**request.extensions, BODY_LIMIT: MAX_TOKEN_BYTES, RAW_BODY: False}
         return httpx.Request("GET", url, headers=headers, extensions=extensions)
 
     def realm_url(self, realm: str, registry: httpx.URL) -> httpx.URL:
@@ -237,6 +244,13 @@ class RegistryAuth(httpx.Auth):
             raise RegistryError(
                 f"token service {realm} returned no token for {self.host} scope {scope}",
                 hint="the token endpoint must return JSON with token or access_token",
+            )
+        if not _BEARER_TOKEN.fullmatch(token):
+            # Never shown: it may be a real token with a stray character, and it goes nowhere.
+            raise RegistryError(
+                f"token service {realm} returned a token for {self.host} scope {scope} that is not a "
+                "bearer token (RFC 6750 allows ASCII letters, digits, -._~+/ and trailing =)",
+                hint="the token endpoint must return a bearer token; check the registry's auth setup",
             )
         self._tokens[key] = (token, time.monotonic() + max(lifetime - _EXPIRY_MARGIN_SECONDS, 0))
         return token

@@ -8,6 +8,12 @@ Guarantees:
 * an entry is verified every time it is read; one that fails, or is a link or special file
   (the cache may be repository-relative, so a pull request can plant anything there), is
   deleted and fetched again from the inner store, never trusted;
+* the one exception is a blob handed off to a file (:meth:`BlobCache.hand_off`): once the
+  cache has verified an entry it records, at ``verified/sha256/<hex>``, the entry's stat
+  identity (device, inode, size, mtime, ctime), and an entry whose ``fstat`` still shows
+  exactly that is placed without being hashed again. A writer can set an edited file's mtime
+  back, but not its ctime (only the kernel's clock sets that), and a planted record cannot
+  name the inode and ctime a checkout gives the entry; any other entry is hashed as always;
 * a cache that cannot be written (a read-only checkout, a full disk) is not an error: it is
   warned about once and planning goes on without caching;
 * only content named by a digest is served from the cache. A manifest asked for by tag is
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 from collections.abc import Iterable, Iterator
@@ -28,6 +35,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from cocoonplan.atomic import NotLinkableError, atomic_writer, link_writer, open_regular, remove_file
+from cocoonplan.bounded import InputLimitError, loads
 from cocoonplan.errors import CocoonplanError, DigestMismatchError, RegistryError, ResolveError
 from cocoonplan.oci.manifest import Descriptor, media_type_of
 from cocoonplan.oci.store import (
@@ -51,6 +59,26 @@ class Placed(StrEnum):
 
 # Warnings of a run that goes on; with logging not configured, Python prints them to stderr.
 _log = logging.getLogger(__name__)
+
+VERIFIED_RECORD_LIMIT = 1024
+"""Largest verification record read (one is about 200 bytes)."""
+
+
+def _identity(status: os.stat_result) -> dict[str, int]:
+    """What ties a verification to one state of an entry's file: any write moves its mtime and
+    ctime, and only the kernel sets ctime (utime, chmod and links move it too)."""
+    return {
+        "dev": status.st_dev,
+        "ino": status.st_ino,
+        "size": status.st_size,
+        "mtime_ns": status.st_mtime_ns,
+        "ctime_ns": status.st_ctime_ns,
+    }
+
+
+def _same_bytes(before: os.stat_result, after: os.stat_result) -> bool:
+    """Whether nothing but ctime (a link made or removed) moved between two stats of one file."""
+    return all(_identity(before)[key] == _identity(after)[key] for key in ("dev", "ino", "size", "mtime_ns"))
 
 
 def _verified(chunks: Iterable[bytes], verifier: Verifier) -> Iterator[bytes]:
@@ -79,11 +107,15 @@ class _HashingReader(io.RawIOBase):
 
 
 class BlobCache:
-    """Content-addressed files under ``root``; every read is verified, a bad entry is dropped."""
+    """Content-addressed files under ``root``; every read is verified, a bad entry is dropped.
 
-    def __init__(self, root: Path) -> None:
+    ``verifier`` makes every Verifier the cache hashes with (tests count what it hashes).
+    """
+
+    def __init__(self, root: Path, *, verifier: type[Verifier] = Verifier) -> None:
         self.root = root
         self._unwritable = False
+        self._verifier = verifier
 
     def path_for(self, digest: str) -> Path:
         """Where the entry for ``digest`` lives (it may not exist)."""
@@ -96,6 +128,41 @@ class BlobCache:
     @staticmethod
     def _media_type_entry(digest: str) -> str:
         return f"media-types/sha256/{require_sha256(digest, 'cache entry')}"
+
+    @staticmethod
+    def _verified_entry(digest: str) -> str:
+        return f"verified/sha256/{require_sha256(digest, 'cache entry')}"
+
+    def _vouch(self, digest: str, status: os.stat_result) -> None:
+        """Record that the entry of ``digest`` was verified in the state ``status`` shows."""
+        record = {"digest": digest, **_identity(status)}
+        self._write(self._verified_entry(digest), [json.dumps(record, sort_keys=True).encode()])
+
+    def _vouched(self, digest: str, status: os.stat_result) -> bool:
+        """Whether the entry of ``digest`` was verified in exactly the state ``status`` shows."""
+        content = self._read(self._verified_entry(digest), VERIFIED_RECORD_LIMIT)
+        if content is None or len(content) > VERIFIED_RECORD_LIMIT:
+            return False
+        try:
+            record = loads(content)
+        except InputLimitError:
+            return False
+        return bool(record == {"digest": digest, **_identity(status)})
+
+    def _vouch_after(self, digest: str, before: os.stat_result, fd: int, *, recorded: bool = False) -> None:
+        """Record the state the entry open as ``fd`` is left in once it was verified (or found
+        ``recorded`` as verified) in the state ``before``: placing a hard link moves its ctime,
+        and the bytes are still the verified ones while nothing else moved."""
+        after = os.fstat(fd)
+        if recorded and _identity(after) == _identity(before):
+            return  # copied: the record still holds
+        if _same_bytes(before, after):
+            self._vouch(digest, after)
+
+    def _forget(self, name: str, digest: str) -> None:
+        """Drop a bad entry and its verification record."""
+        self._drop(name)
+        self._drop(self._verified_entry(digest))
 
     def _open(self, name: str) -> BinaryIO | None:
         try:
@@ -150,20 +217,20 @@ class BlobCache:
         if content is None or (limit is not None and len(content) > limit):
             return None
         try:
-            return verify_bytes(content, Verifier(digest, size, "cache entry", f"cache {self.root}"))
+            return verify_bytes(content, self._verifier(digest, size, "cache entry", f"cache {self.root}"))
         except DigestMismatchError:
             self._drop(name)
             return None
 
     def put(self, digest: str, content: bytes) -> None:
         """Store ``content`` under ``digest``; DigestMismatchError if it does not hash to it."""
-        verify_bytes(content, Verifier(digest, None, "cache entry", "content being cached"))
+        verify_bytes(content, self._verifier(digest, None, "cache entry", "content being cached"))
         self._write(self._entry(digest), [content])
 
     def adopt(self, descriptor: Descriptor, source: Path) -> None:
         """Store the file ``source``, which its caller has just verified, as the entry: hard-linked,
         neither copied nor hashed again, where the file system allows; else copied, verified
-        again as it is copied."""
+        again as it is copied. Either way the entry is recorded as verified."""
         if self._unwritable:
             return
         try:
@@ -173,6 +240,7 @@ class BlobCache:
         try:
             with link_writer(opened, self.root, self._entry(descriptor.digest)):
                 pass
+            self._vouch(descriptor.digest, os.fstat(opened))
             return
         except NotLinkableError:
             pass
@@ -181,8 +249,12 @@ class BlobCache:
             return
         finally:
             os.close(opened)
-        verifier = Verifier(descriptor.digest, descriptor.size, "cache entry", f"file {source}")
+        verifier = self._verifier(descriptor.digest, descriptor.size, "cache entry", f"file {source}")
         self._write(self._entry(descriptor.digest), _verified(read_chunks(source), verifier))
+        written = self._open(self._entry(descriptor.digest))
+        if written is not None:
+            with written:
+                self._vouch(descriptor.digest, os.fstat(written.fileno()))
 
     @contextlib.contextmanager
     def reading(self, descriptor: Descriptor) -> Iterator[BinaryIO | None]:
@@ -197,7 +269,8 @@ class BlobCache:
         if source is None:
             yield None
             return
-        verifier = Verifier(descriptor.digest, descriptor.size, "cache entry", f"cache {self.root}")
+        verifier = self._verifier(descriptor.digest, descriptor.size, "cache entry", f"cache {self.root}")
+        before = os.fstat(source.fileno())
         with source, io.BufferedReader(_HashingReader(source, verifier), CHUNK_SIZE) as stream:
             try:
                 yield stream
@@ -205,6 +278,8 @@ class BlobCache:
                 self._settle(name, stream, verifier)  # a bad entry explains any failure best
                 raise
             self._settle(name, stream, verifier)
+            # Hashed whole: a later hand-off of this entry need not hash it again.
+            self._vouch_after(descriptor.digest, before, source.fileno())
 
     def _settle(self, name: str, stream: BinaryIO, verifier: Verifier) -> None:
         try:
@@ -212,12 +287,14 @@ class BlobCache:
                 pass
             verifier.finish()
         except DigestMismatchError:
-            self._drop(name)
+            self._forget(name, verifier.digest)
             raise
 
     def hand_off(self, descriptor: Descriptor, dest: Path) -> Placed | None:
-        """Place the entry at ``dest`` (as :mod:`cocoonplan.atomic` places files), hashed once on
-        the way: hard-linked where the file system allows, else copied.
+        """Place the entry at ``dest`` (as :mod:`cocoonplan.atomic` places files): hard-linked where
+        the file system allows, else copied. An entry the cache verified and that has not
+        changed since (its verification record) is placed without hashing; any other is hashed
+        on the way, then recorded as verified.
 
         None when there is no entry, or when it fails verification (it is then deleted and
         ``dest`` is left untouched).
@@ -226,26 +303,22 @@ class BlobCache:
         source = self._open(name)
         if source is None:
             return None
-        verifier = Verifier(descriptor.digest, descriptor.size, "cache entry", f"cache {self.root}")
         try:
             with source:
-                if os.fstat(source.fileno()).st_size != descriptor.size:
+                before = os.fstat(source.fileno())
+                if before.st_size != descriptor.size:
                     raise DigestMismatchError("a cache entry of another size")  # not worth hashing
-                try:
-                    with link_writer(source.fileno(), dest.parent, dest.name):
-                        # Hashed through the descriptor the link was made from: exactly the linked bytes.
-                        for chunk in iter(partial(source.read, CHUNK_SIZE), b""):
-                            verifier.update(chunk)
-                        verifier.finish()
-                    return Placed.LINKED
-                except NotLinkableError:
-                    source.seek(0)
-                with atomic_writer(dest.parent, dest.name) as out:
-                    for chunk in _verified(iter(partial(source.read, CHUNK_SIZE), b""), verifier):
-                        out.write(chunk)
-                return Placed.COPIED
+                recorded = self._vouched(descriptor.digest, before)
+                verifier = None
+                if not recorded:
+                    verifier = self._verifier(
+                        descriptor.digest, descriptor.size, "cache entry", f"cache {self.root}"
+                    )
+                placed = _place(source, dest, verifier)
+                self._vouch_after(descriptor.digest, before, source.fileno(), recorded=recorded)
+                return placed
         except DigestMismatchError:
-            self._drop(name)
+            self._forget(name, descriptor.digest)
             return None
 
     def remember_media_type(self, digest: str, media_type: str) -> None:
@@ -326,6 +399,25 @@ class CachingStore:
         except ResolveError:
             return None  # no usable media type recorded: ask the inner store, which knows it
         return RawManifest(digest=digest, media_type=resolved, content=content)
+
+
+def _place(source: BinaryIO, dest: Path, verifier: Verifier | None) -> Placed:
+    """Link or copy the open entry ``source`` to ``dest``, hashed through ``verifier`` on the way
+    unless that is None; a mismatch raises and leaves ``dest`` untouched."""
+    chunks = iter(partial(source.read, CHUNK_SIZE), b"")
+    try:
+        with link_writer(source.fileno(), dest.parent, dest.name):
+            if verifier is not None:
+                # Hashed through the descriptor the link was made from: exactly the linked bytes.
+                for _ in _verified(chunks, verifier):
+                    pass
+        return Placed.LINKED
+    except NotLinkableError:
+        source.seek(0)
+    with atomic_writer(dest.parent, dest.name) as out:
+        for chunk in chunks if verifier is None else _verified(chunks, verifier):
+            out.write(chunk)
+    return Placed.COPIED
 
 
 def _declares_media_type(content: bytes) -> bool:

@@ -9,6 +9,12 @@ repository. (With skopeo: ``skopeo copy ... oci:DIR:repository:tag``.)
 A digest selector reads ``blobs/sha256/<hex>`` directly, whatever the repository: a layout
 is one content-addressed pool. Every read is verified against its digest, and against the
 size recorded in ``index.json`` or the descriptor; ``open_blob`` leaves that to its caller.
+
+A layout usually sits in the repository, where a pull request can commit a link or a FIFO
+under any name. So every file of it is read as :func:`cocoonplan.atomic.open_regular` reads:
+no link below the layout directory is followed, only regular files are opened (a FIFO is
+never waited on), what is read into memory is bounded, and a file that cannot be read is a
+:class:`RegistryError` naming the blob and the layout.
 """
 
 from __future__ import annotations
@@ -17,9 +23,10 @@ import contextlib
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from cocoonplan.bounded import InputLimitError, loads, read_limited
+from cocoonplan.atomic import ReadError, open_regular, read_bounded
+from cocoonplan.bounded import InputLimitError, loads
 from cocoonplan.errors import NotFoundError, RegistryError
 from cocoonplan.oci.manifest import REF_NAME_ANNOTATION, Descriptor, media_type_of
 from cocoonplan.oci.store import (
@@ -32,7 +39,6 @@ from cocoonplan.oci.store import (
 from cocoonplan.oci.verifier import (
     CHUNK_SIZE,
     Verifier,
-    read_chunks,
     require_sha256,
     write_verified,
 )
@@ -41,6 +47,8 @@ LAYOUT_FILE = "oci-layout"
 INDEX_FILE = "index.json"
 MAX_INDEX_BYTES = 16 << 20
 """Largest ``index.json`` read: a few hundred bytes per tag."""
+MAX_LAYOUT_FILE_BYTES = 4096
+"""Largest ``oci-layout`` read: ``{"imageLayoutVersion": "1.0.0"}``."""
 _LAYOUT_HINT = (
     "create the layout with `skopeo copy docker://<image> oci:<dir>:<repository>:<tag>`, or fix "
     "registries.<host>.layout in cocoonplan.yaml"
@@ -92,25 +100,24 @@ class LayoutStore:
         """Copy a blob to ``dest`` through ``dest`` + ``.part``, verified, then renamed."""
         self._index()
         what = f"blob {descriptor.digest} of {repository}"
-        source = self._blob_path(descriptor.digest, what)
-        write_verified(
-            dest, read_chunks(source), Verifier(descriptor.digest, descriptor.size, what, self.describe())
-        )
+        with self._open_blob(descriptor.digest, what) as file:
+            write_verified(
+                dest,
+                self._chunks(file, descriptor.digest, what),
+                Verifier(descriptor.digest, descriptor.size, what, self.describe()),
+            )
 
     @contextlib.contextmanager
     def open_blob(self, repository: str, descriptor: Descriptor, offset: int = 0) -> Iterator[BlobBody]:
         """Stream a blob's bytes from ``offset``, unverified: the caller verifies them."""
         self._index()
         what = f"blob {descriptor.digest} of {repository}"
-        source = self._blob_path(descriptor.digest, what)
-        try:
-            with source.open("rb") as file:
+        with self._open_blob(descriptor.digest, what) as file:
+            try:
                 file.seek(offset)
-                yield BlobBody(start=offset, chunks=iter(partial(file.read, CHUNK_SIZE), b""))
-        except OSError as exc:
-            raise RegistryError(
-                f"cannot read {source} in {self.describe()}: {exc}", hint=_LAYOUT_HINT
-            ) from exc
+            except OSError as exc:
+                raise self._unreadable(descriptor.digest, what, exc) from exc
+            yield BlobBody(start=offset, chunks=self._chunks(file, descriptor.digest, what))
 
     def _index(self) -> list[dict[str, Any]]:
         """Check the layout and load ``index.json`` entries; RegistryError names the path otherwise."""
@@ -118,16 +125,19 @@ class LayoutStore:
             return self._entries
         if not self.path.is_dir():
             raise RegistryError(f"OCI layout {self.path} for {self.host} does not exist", hint=_LAYOUT_HINT)
-        if not (self.path / LAYOUT_FILE).is_file():
+        if self._read_file(LAYOUT_FILE, MAX_LAYOUT_FILE_BYTES) is None:
             raise RegistryError(
                 f"{self.path} is not an OCI image layout: it has no {LAYOUT_FILE} file", hint=_LAYOUT_HINT
             )
         index_path = self.path / INDEX_FILE
+        content = self._read_file(INDEX_FILE, MAX_INDEX_BYTES)
+        if content is None:
+            raise RegistryError(f"OCI layout {self.path} has no {INDEX_FILE}", hint=_LAYOUT_HINT)
         try:
-            data = loads(read_limited(index_path, MAX_INDEX_BYTES))
-        except FileNotFoundError as exc:
-            raise RegistryError(f"OCI layout {self.path} has no {INDEX_FILE}", hint=_LAYOUT_HINT) from exc
-        except (OSError, InputLimitError) as exc:
+            if len(content) > MAX_INDEX_BYTES:
+                raise InputLimitError(f"larger than {MAX_INDEX_BYTES} bytes")
+            data = loads(content)
+        except InputLimitError as exc:
             raise RegistryError(f"cannot read {index_path}: {exc}", hint=_LAYOUT_HINT) from exc
         manifests = data.get("manifests") if isinstance(data, dict) else None
         if not isinstance(manifests, list) or not all(
@@ -159,15 +169,55 @@ class LayoutStore:
             )
         return found[0]
 
-    def _blob_path(self, digest: str, what: str) -> Path:
-        path = self.path / "blobs" / "sha256" / require_sha256(digest, what)
-        if not path.is_file():
+    def _read_file(self, name: str, limit: int) -> bytes | None:
+        """At most ``limit + 1`` bytes of the layout's file ``name``; None when it is absent."""
+        try:
+            return read_bounded(self.path, name, limit)
+        except ReadError as exc:
+            raise RegistryError(f"{self.describe()}: {exc.about(name)}", hint=exc.hint) from exc
+
+    @staticmethod
+    def _blob_name(digest: str, what: str) -> str:
+        return f"blobs/sha256/{require_sha256(digest, what)}"
+
+    def _unreadable(self, digest: str, what: str, exc: OSError | ReadError) -> RegistryError:
+        """The error for a blob file of the layout that cannot be read: names the blob and the layout."""
+        name = self._blob_name(digest, what)
+        if isinstance(exc, ReadError):
+            return RegistryError(f"{what} in {self.describe()}: {exc.about(name)}", hint=exc.hint)
+        return RegistryError(
+            f"{what} in {self.describe()}: cannot read {name}: {exc.strerror or exc}",
+            hint="check the file's permissions and the disk it is on",
+        )
+
+    @contextlib.contextmanager
+    def _open_blob(self, digest: str, what: str) -> Iterator[BinaryIO]:
+        """The blob file of ``digest``, open for reading and closed on exit (see the module docstring)."""
+        name = self._blob_name(digest, what)
+        try:
+            file = open_regular(self.path, name)
+        except ReadError as exc:
+            raise self._unreadable(digest, what, exc) from exc
+        if file is None:
             raise NotFoundError(
                 f"{what} not found in {self.describe()}",
-                detail=f"missing file blobs/sha256/{path.name}",
+                detail=f"missing file {name}",
                 hint="copy the content into the layout again, e.g. with skopeo copy",
             )
-        return path
+        with file:
+            yield file
+
+    def _chunks(self, file: BinaryIO, digest: str, what: str) -> Iterator[bytes]:
+        """The rest of ``file`` in CHUNK_SIZE pieces; a read error names the blob."""
+        read = partial(file.read, CHUNK_SIZE)
+        while True:
+            try:
+                chunk = read()
+            except OSError as exc:
+                raise self._unreadable(digest, what, exc) from exc
+            if not chunk:
+                return
+            yield chunk
 
     def _read_blob(self, digest: str, size: int | None, what: str, limit: int | None = None) -> bytes:
         verifier = Verifier(digest, size, what, self.describe())
@@ -175,15 +225,16 @@ class LayoutStore:
         read = 0
         # Chunked, so a file far larger than the expected size (or the limit, when the size is
         # not known) is rejected without being read whole.
-        for chunk in read_chunks(self._blob_path(digest, what)):
-            read += len(chunk)
-            if limit is not None and read > limit:
-                raise RegistryError(
-                    f"{what} in {self.describe()} is over the {limit} byte limit of a manifest",
-                    hint="the digest names something that is not a manifest; check the reference",
-                )
-            verifier.update(chunk)
-            chunks.append(chunk)
+        with self._open_blob(digest, what) as file:
+            for chunk in self._chunks(file, digest, what):
+                read += len(chunk)
+                if limit is not None and read > limit:
+                    raise RegistryError(
+                        f"{what} in {self.describe()} is over the {limit} byte limit of a manifest",
+                        hint="the digest names something that is not a manifest; check the reference",
+                    )
+                verifier.update(chunk)
+                chunks.append(chunk)
         verifier.finish()
         return b"".join(chunks)
 

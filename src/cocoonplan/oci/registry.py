@@ -15,17 +15,24 @@ Guarantees:
   has an overall deadline (see :class:`Deadline`): a server that stalls or drips its answer
   fails the fetch instead of hanging it; every body has a size cap (manifests
   MAX_MANIFEST_BYTES, token answers MAX_TOKEN_BYTES, blobs their descriptor's size, error
-  and redirect pages ERROR_BODY_LIMIT);
+  and redirect pages ERROR_BODY_LIMIT), counted as decoded: identity is asked for, and a body
+  a server compresses anyway is inflated a piece at a time under the same cap, so a small
+  compressed body cannot expand in memory (a blob streamed to disk is taken as sent, never
+  inflated);
+* a URL with a user name or password (a mirror's ``http://user:pass@host``) is shown as
+  ``http://***@host`` in every message (see :func:`redact_userinfo`);
 * every failure names what was fetched, from which endpoint, and what to do about it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import threading
 import time
 import weakref
+import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -36,7 +43,7 @@ import httpx
 from cocoonplan import bounded
 from cocoonplan.errors import NotFoundError, RegistryError
 from cocoonplan.model import sha256_digest
-from cocoonplan.oci.authenticator import BODY_LIMIT, RegistryAuth
+from cocoonplan.oci.authenticator import BODY_LIMIT, RAW_BODY, RegistryAuth
 from cocoonplan.oci.credentials import Credentials
 from cocoonplan.oci.manifest import ACCEPT_MANIFESTS, Descriptor, media_type_of
 from cocoonplan.oci.store import (
@@ -68,6 +75,18 @@ _NEW_STREAMS = ("connection.connect_tcp.complete", "connection.start_tls.complet
 """httpcore trace events whose ``return_value`` is a newly opened connection's stream."""
 _REQUEST_SENT = "http11.send_request_headers.started"
 """The httpcore trace event each request of a fetch starts with."""
+DECODE_PIECE = 64 << 10
+"""The most bytes one step of inflating a compressed body yields: a bomb grows a piece at a time."""
+_ZLIB_WBITS = dict.fromkeys(("gzip", "x-gzip", "deflate"), zlib.MAX_WBITS | 32)
+"""Content codings decoded here, and zlib's window bits for them (32: a gzip or zlib header, detected)."""
+_USERINFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s]*@")
+
+
+def redact_userinfo(text: str) -> str:
+    """``text`` with the user name and password of every URL in it replaced by ``***``
+    (``http://user:pass@host`` becomes ``http://***@host``); idempotent. Messages end up in CI
+    logs and pull-request comments."""
+    return _USERINFO.sub(r"\1***@", text)
 
 
 class Deadline:
@@ -137,7 +156,10 @@ class _Watch:
 
     It caps the body of every response of a fetch, including the 401 challenges and
     redirects whose bodies httpx reads itself, and counts it against the fetch's deadline;
-    requests of others are left alone. It also holds every connection the fetches opened,
+    requests of others are left alone. A body with a Content-Encoding is decoded by the
+    stream it installs, under the cap, and the header removed so that httpx, whose decoders
+    inflate a whole network read at once (a thousandfold for zeros), does not decode it
+    again; only a successful answer to a :data:`RAW_BODY` request is left encoded. It also holds every connection the fetches opened,
     so that :meth:`interrupt` can stop a fetch wherever it waits, also on a connection an
     earlier fetch (of any store on the client) left in the pool.
     """
@@ -151,7 +173,13 @@ class _Watch:
         if isinstance(deadline, Deadline) and isinstance(response.stream, httpx.SyncByteStream):
             ok = response.status_code in (httpx.codes.OK, httpx.codes.PARTIAL_CONTENT)
             limit = response.request.extensions[BODY_LIMIT] if ok else ERROR_BODY_LIMIT
-            response.stream = _BoundedStream(response.stream, deadline, limit)
+            coding = None
+            if not (ok and response.request.extensions.get(RAW_BODY)):
+                codings = [c.strip().lower() for c in response.headers.get_list("content-encoding", True)]
+                coding = ", ".join(c for c in codings if c not in ("", "identity"))
+                if coding:
+                    del response.headers["content-encoding"]
+            response.stream = _BoundedStream(response.stream, deadline, limit, coding or None, strict=ok)
 
     def add(self, stream: httpcore.NetworkStream) -> None:
         """Hold ``stream`` (weakly: the pool decides how long it lives)."""
@@ -175,26 +203,65 @@ class _Watch:
 
 
 class _BoundedStream(httpx.SyncByteStream):
-    """A response body counted against its fetch's deadline that ends one network chunk past ``limit``.
+    """A response body counted against its fetch's deadline that ends one piece past ``limit``.
 
-    Ending (not failing) is enough: whoever reads a body that matters compares its length
-    with the limit and reports it (a blob's Verifier, the manifest and token readers), and
-    the bodies httpx reads itself (401 challenges, redirects) are discarded anyway.
+    With a content ``coding`` the body is inflated here, at most DECODE_PIECE bytes per step,
+    and ``limit`` counts the decoded bytes; the bytes received may exceed it by no more than
+    deflate can grow data (about 0.01%) before the body ends too, so an endless stream of empty
+    blocks is cut off as well. Ending (not failing) is enough: whoever reads a body that
+    matters compares its length with the limit and reports it (a blob's Verifier, the
+    manifest and token readers), and the bodies httpx reads itself (401 challenges,
+    redirects) are discarded anyway. A coding that cannot be decoded fails a ``strict`` body
+    (a successful answer) with httpx.DecodingError and ends any other.
     """
 
-    def __init__(self, inner: httpx.SyncByteStream, deadline: Deadline, limit: int) -> None:
+    def __init__(
+        self, inner: httpx.SyncByteStream, deadline: Deadline, limit: int, coding: str | None, *, strict: bool
+    ) -> None:
         self._inner = inner
         self._deadline = deadline
         self._limit = limit
+        self._coding = coding
+        self._strict = strict
 
     def __iter__(self) -> Iterator[bytes]:
+        if self._coding is None:
+            yield from self._received(self._limit)
+            return
+        wbits = _ZLIB_WBITS.get(self._coding)
+        if wbits is None:
+            self._undecodable(f"its Content-Encoding {self._coding!r} was not asked for (identity was)")
+            return
+        inflater = zlib.decompressobj(wbits)
+        total = 0
+        try:
+            for chunk in self._received(self._limit + self._limit // 1024 + DECODE_PIECE):
+                data = chunk
+                while True:
+                    piece = inflater.decompress(data, DECODE_PIECE)
+                    data = inflater.unconsumed_tail
+                    if piece:
+                        total += len(piece)
+                        yield piece
+                    if total > self._limit or inflater.eof:
+                        return  # what follows a complete body is ignored, as httpx does
+                    if not data and len(piece) < DECODE_PIECE:
+                        break  # this chunk is used up and nothing is pending
+        except zlib.error as exc:
+            self._undecodable(f"its {self._coding} encoding is corrupt ({exc})")
+
+    def _received(self, limit: int) -> Iterator[bytes]:
         total = 0
         for chunk in self._inner:
             self._deadline.received += len(chunk)
             total += len(chunk)
             yield chunk
-            if total > self._limit:
+            if total > limit:
                 return
+
+    def _undecodable(self, problem: str) -> None:
+        if self._strict:
+            raise httpx.DecodingError(f"the server sent a body cocoonplan cannot read: {problem}")
 
     def close(self) -> None:
         self._inner.close()
@@ -216,6 +283,8 @@ class RegistryStore:
     ) -> None:
         self.host = host
         self.endpoint = endpoint.rstrip("/")
+        self._shown = redact_userinfo(self.endpoint)
+        """The endpoint as messages show it: without a user name or password."""
         self._client = client
         self.credentials = credentials
         self._auth = RegistryAuth(host, credentials)
@@ -230,8 +299,8 @@ class RegistryStore:
     def describe(self) -> str:
         """``registry <endpoint>``, plus the canonical host when the endpoint is a mirror."""
         if self.endpoint.split("://", 1)[-1] == self.host:
-            return f"registry {self.endpoint}"
-        return f"registry {self.endpoint} (for {self.host})"
+            return f"registry {self._shown}"
+        return f"registry {self._shown} (for {self.host})"
 
     def get_manifest(self, repository: str, selector: str) -> RawManifest:
         """Fetch a manifest or index by tag or digest, verified as described in the module docstring."""
@@ -282,10 +351,11 @@ class RegistryStore:
         what = f"blob {descriptor.digest} of {repository}"
         verifier = Verifier(descriptor.digest, descriptor.size, what, self.describe())
         # The raw body, undecoded: identity is asked for, and a blob's digest is over its
-        # stored bytes, so an encoded body fails verification instead of being trusted.
-        # Skipping httpx's decoder and re-chunker measured 1.4x faster (bench/registry_pull.py).
+        # stored bytes, so an encoded body fails verification instead of being trusted; it is
+        # never inflated, so it counts against the size as sent. Skipping httpx's decoder and
+        # re-chunker measured 1.4x faster (bench/registry_pull.py).
         url = self._blob_url(repository, descriptor)
-        with self._open(url, what, descriptor.size, encoding="identity") as response:
+        with self._open(url, what, descriptor.size, raw=True) as response:
             write_verified(dest, response.iter_raw(), verifier)
 
     @contextlib.contextmanager
@@ -298,7 +368,7 @@ class RegistryStore:
         """
         what = f"blob {descriptor.digest} of {repository}"
         url = self._blob_url(repository, descriptor)
-        with self._open(url, what, descriptor.size, encoding="identity", offset=offset) as response:
+        with self._open(url, what, descriptor.size, raw=True, offset=offset) as response:
             start = 0
             if response.status_code == httpx.codes.PARTIAL_CONTENT:
                 served = response.headers.get("content-range", "")
@@ -306,7 +376,7 @@ class RegistryStore:
                     raise RegistryError(
                         f"{self.describe()} answered the request for {what} from byte {offset} "
                         f"with another range ({served or 'no Content-Range'})",
-                        hint=f"the registry at {self.endpoint} mishandles ranged requests; use a mirror",
+                        hint=f"the registry at {self._shown} mishandles ranged requests; use a mirror",
                     )
                 start = offset
             yield BlobBody(start=start, chunks=response.iter_raw())
@@ -321,21 +391,22 @@ class RegistryStore:
         what: str,
         limit: int,
         accept: str | None = None,
-        encoding: str | None = None,
+        *,
+        raw: bool = False,
         offset: int = 0,
     ) -> Iterator[httpx.Response]:
         """GET ``url`` (from byte ``offset`` when not 0) as a stream under a new :class:`Deadline`,
-        its body capped near ``limit`` bytes; turn HTTP and transport failures into errors naming
-        ``what`` and the URL that failed."""
-        headers = {"Accept": accept} if accept else {}
-        if encoding:
-            headers["Accept-Encoding"] = encoding
+        its body capped near ``limit`` bytes (undecoded when ``raw``); turn HTTP and transport
+        failures into errors naming ``what`` and the URL that failed."""
+        headers = {"Accept-Encoding": "identity"}
+        if accept:
+            headers["Accept"] = accept
         answers = {httpx.codes.OK}
         if offset:
             headers["Range"] = f"bytes={offset}-"
             answers.add(httpx.codes.PARTIAL_CONTENT)
         deadline = Deadline(self._deadline_seconds, what, self.describe(), self._watch)
-        extensions = {_DEADLINE: deadline, BODY_LIMIT: limit, "trace": deadline.trace}
+        extensions = {_DEADLINE: deadline, BODY_LIMIT: limit, RAW_BODY: raw, "trace": deadline.trace}
         try:
             with (
                 deadline,
@@ -362,7 +433,7 @@ class RegistryStore:
         except httpx.HTTPError as exc:
             raise RegistryError(
                 f"cannot fetch {what} from {self.describe()}{_at(_failed_url(exc, url), url)}: "
-                f"{exc or type(exc).__name__}",
+                f"{redact_userinfo(str(exc)) or type(exc).__name__}",
                 hint=self._transport_hint(exc),
             ) from exc
 
@@ -373,7 +444,7 @@ class RegistryStore:
                 "otherwise check its TLS certificate"
             )
         return (
-            f"check that a registry is listening at {self.endpoint}, or point registries.{self.host} "
+            f"check that a registry is listening at {self._shown}, or point registries.{self.host} "
             "at a reachable mirror or layout in cocoonplan.yaml"
         )
 
@@ -407,9 +478,9 @@ class RegistryStore:
         if status == httpx.codes.TOO_MANY_REQUESTS:
             hint = f"the registry is rate limiting; wait, log in to {self.host}, or use a mirror"
         elif status >= httpx.codes.INTERNAL_SERVER_ERROR:
-            hint = f"the registry at {self.endpoint} failed; try again later or use a mirror"
+            hint = f"the registry at {self._shown} failed; try again later or use a mirror"
         else:
-            hint = f"check that {self.endpoint} is an OCI distribution registry"
+            hint = f"check that {self._shown} is an OCI distribution registry"
         return RegistryError(f"{self.describe()} answered HTTP {status} for {what}", detail=detail, hint=hint)
 
     def _read_limited(
@@ -451,7 +522,7 @@ def _failed_url(exc: httpx.HTTPError, url: str) -> httpx.URL:
 
 def _at(failed: httpx.URL, url: str) -> str:
     """`` at FAILED`` when the request that failed is not ``url`` itself."""
-    return "" if failed == httpx.URL(url) else f" at {failed}"
+    return "" if failed == httpx.URL(url) else f" at {redact_userinfo(str(failed))}"
 
 
 def _error_detail(response: httpx.Response) -> str:

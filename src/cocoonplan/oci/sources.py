@@ -62,7 +62,7 @@ class Sources:
 
     def __init__(self, context: ProjectContext, client: httpx.Client, env: Mapping[str, str]) -> None:
         self.context = context
-        self.cache = BlobCache(context.resolve(context.project.cache))
+        self.cache = BlobCache(context.cache_directory())
         self._client = client
         self._env = dict(env)
         self._stores: dict[str, ContentStore] = {}

@@ -8,6 +8,7 @@ snapshot's ``config.json`` is patched exactly where cocoon patches it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from cocoonplan.cocoon import (
     BOOT_PATH,
@@ -70,15 +71,45 @@ def clone_value(vm: str, field: str, wanted: int | None, snapshot_value: int, ru
     )
 
 
+@dataclass(frozen=True)
+class RestoreChoice:
+    """The restore mode a clone is made with, and what a reviewer must know about the choice."""
+
+    mode: RestoreMode
+    note: str | None = None
+    """Why cocoon's default is not what the clone gets (display only)."""
+    warning: str | None = None
+    """What cocoon warns about when it clones: the spec asks for a mode cocoon will not use."""
+
+
+_STOCK_BUILD_NOTE = (
+    "cocoon's default restore mode mmap needs cocoonstack's Cloud Hypervisor (CopyOnWrite); "
+    "the node runs a stock build (cloudHypervisor: upstream), so the clone restores with copy"
+)
+
+
+def _eager_memory(snapshot: ResolvedSnapshot) -> str | None:
+    """What makes the snapshot's memory unfit for mmap (hugepage-backed or shared); None when
+    it is plain private memory."""
+    memory = snapshot.ch_config.get("memory") or {}
+    if not isinstance(memory, dict):
+        return None
+    kinds = [
+        kind for kind, key in (("hugepage-backed", "hugepages"), ("shared", "shared")) if memory.get(key)
+    ]
+    return " and ".join(kinds) or None
+
+
 def restore_mode(
     vm: str, wanted: RestoreMode | None, snapshot: ResolvedSnapshot, target: Target
-) -> RestoreMode:
+) -> RestoreChoice:
     """The restore mode the clone is made with, checked against what the node can do.
 
-    v0.3.8 knows copy and on-demand. Later cocoon defaults to ``mmap`` unless the snapshot's
-    memory is hugepage-backed or shared (PRs #158/#159); ``mmap`` sends ``CopyOnWrite``, which
-    only cocoonstack's Cloud Hypervisor accepts, so on a stock build the plan passes ``copy``
-    rather than let the clone fail after its files are in place.
+    v0.3.8 knows copy and on-demand. Later cocoon (``resolveRestoreMode``, PRs #158/#159/#163)
+    restores hugepage-backed or shared snapshot memory with copy, even when ``mmap`` is asked
+    for (it warns and falls back), and defaults plain memory to ``mmap``; ``mmap`` sends
+    ``CopyOnWrite``, which only cocoonstack's Cloud Hypervisor accepts, so on a stock build
+    the plan passes ``copy`` rather than let the clone fail after its files are in place.
     """
     if not target.rules.restore_modes:
         if wanted is RestoreMode.MMAP:
@@ -86,19 +117,33 @@ def restore_mode(
                 f"VM {vm}: restoreMode mmap needs cocoon v0.6's --restore-mode; the node runs cocoon {target.rules.line}",
                 hint="use restoreMode copy or ondemand",
             )
-        return wanted or RestoreMode.COPY
-    memory = snapshot.ch_config.get("memory") or {}
-    eager = isinstance(memory, dict) and (memory.get("hugepages") or memory.get("shared"))
-    mode = wanted or (RestoreMode.COPY if eager else RestoreMode.MMAP)
-    if mode is RestoreMode.MMAP and target.node.cloud_hypervisor is HypervisorBuild.UPSTREAM:
+        return RestoreChoice(wanted or RestoreMode.COPY)
+    eager = _eager_memory(snapshot)
+    if eager is not None:
+        # Checked before the build: cocoon never sends CopyOnWrite for such memory, so a
+        # stock Cloud Hypervisor is no reason to refuse.
+        if wanted is not None and wanted is not RestoreMode.MMAP:
+            return RestoreChoice(wanted)
+        if wanted is None:
+            note = f"the snapshot's memory is {eager}, so cocoon restores it with copy, not its default mmap"
+            return RestoreChoice(RestoreMode.COPY, note=note)
+        return RestoreChoice(
+            RestoreMode.COPY,
+            warning=f"VM {vm}: restoreMode mmap needs plain private snapshot memory, and the snapshot's "
+            f"memory is {eager}: cocoon falls back to copy (and warns), so the clone restores with copy; "
+            "drop restoreMode, or bake the snapshot without hugepages or shared memory for mmap",
+        )
+    mode = wanted or RestoreMode.MMAP
+    if mode is RestoreMode.MMAP and target.cloud_hypervisor is HypervisorBuild.UPSTREAM:
         if wanted is RestoreMode.MMAP:
             raise PlanError(
                 f"VM {vm}: restoreMode mmap sends CopyOnWrite, which the node's stock Cloud Hypervisor refuses",
                 hint="use restoreMode copy, or set cloudHypervisor: cocoonstack for a node that runs "
-                "cocoonstack's build (`cocoon doctor --upgrade`)",
+                "cocoonstack's build (`cocoon doctor --upgrade`; or export its state with "
+                "--cloud-hypervisor cocoonstack)",
             )
-        return RestoreMode.COPY
-    return mode
+        return RestoreChoice(RestoreMode.COPY, note=_STOCK_BUILD_NOTE)
+    return RestoreChoice(mode)
 
 
 def clone_nic_count(loaded: LoadedSpec, snapshot: ResolvedSnapshot) -> int:
@@ -174,10 +219,23 @@ def _boot_file(
     return PlannedBootFile(path=match.group(0), layer=f"sha256:{hex_}", present=present)
 
 
+def imported(snapshot: ResolvedSnapshot, hexes: Sequence[str], local: ObservedSnapshot | None) -> bool:
+    """Whether the node already holds this snapshot as cocoonplan imports it: under the name
+    derived from its digest, completely written, pinning the layers the plan clones. Its files
+    are then not fetched again; apply still checks its ``cocoon.json`` before it clones."""
+    return (
+        local is not None
+        and local.name == snapshot_import_name(snapshot.pinned.digest)
+        and not local.pending
+        and set(hexes) <= set(local.image_blob_ids)
+    )
+
+
 def _clone_blobs(
-    snapshot: ResolvedSnapshot, hexes: Sequence[str], present: frozenset[str]
+    snapshot: ResolvedSnapshot, hexes: Sequence[str], present: frozenset[str], on_node: bool
 ) -> tuple[PlannedBlob, ...]:
-    """The base image's layers the clone runs on, then every file of the snapshot artifact."""
+    """The base image's layers the clone runs on, then every file of the snapshot artifact
+    (present when the node holds the snapshot already, ``on_node``)."""
     assert snapshot.base_image is not None  # check_snapshot_layers refuses a snapshot without one
     by_digest = {layer.digest: layer for layer in snapshot.base_image.layers}
     layers = layer_blobs((by_digest[f"sha256:{h}"] for h in hexes), present)
@@ -187,7 +245,7 @@ def _clone_blobs(
             size=f.size,
             media_type=f.media_type,
             source=f.source,
-            present=False,
+            present=on_node,
             kind=BlobKind.SNAPSHOT_FILE if f.title else BlobKind.SNAPSHOT_CONFIG,
             title=f.title,
         )
@@ -229,7 +287,8 @@ def plan_clone(loaded: LoadedSpec, resolved: ResolvedVM, target: Target, identit
         windows=recorded.windows,
         rules=rules,
     )
-    mode = restore_mode(spec.name, body.restore_mode, snapshot, target)
+    choice = restore_mode(spec.name, body.restore_mode, snapshot, target)
+    mode = choice.mode
     check_host_cpus(spec.name, tuning.cpu, node.cpus)
     base = snapshot.base_image
     assert base is not None  # check_snapshot_layers refuses a snapshot without one
@@ -241,9 +300,10 @@ def plan_clone(loaded: LoadedSpec, resolved: ResolvedVM, target: Target, identit
         _boot_file(spec.name, payload.get("kernel"), "kernel", node, state, kernel_layer),
         _boot_file(spec.name, payload.get("initramfs"), "initrd", node, state, initrd_layer),
     )
-    fetched = (snapshot.pinned.digest, resolved.present_blobs)
+    on_node = imported(snapshot, hexes, local)
+    fetched = (snapshot.pinned.digest, resolved.present_blobs, on_node)
     if fetched not in target.memo.blobs:
-        target.memo.blobs[fetched] = _clone_blobs(snapshot, hexes, resolved.present_blobs)
+        target.memo.blobs[fetched] = _clone_blobs(snapshot, hexes, resolved.present_blobs, on_node)
     blobs = target.memo.blobs[fetched]
     digests = [
         f"sha256:{hexes[i]}" if d.role is DiskRole.LAYER else _file_digest(snapshot, d)
@@ -274,11 +334,12 @@ def plan_clone(loaded: LoadedSpec, resolved: ResolvedVM, target: Target, identit
         launch=restore_launch_command(f"{run_dir}/api.sock"),
         restore=restore_requests(run_dir, snapshot.ch_config, identity.nics, tuning, mode),
         restore_mode=mode,
-        notes=_clone_notes(body.restore_mode, mode, rules),
+        notes=_clone_notes(choice, rules),
+        warnings=(choice.warning,) if choice.warning else (),
     )
 
 
-def _clone_notes(wanted: RestoreMode | None, mode: RestoreMode, rules: Rules) -> tuple[str, ...]:
+def _clone_notes(choice: RestoreChoice, rules: Rules) -> tuple[str, ...]:
     if rules.restore_taps:
         # cocoon PR #234: a Cloud Hypervisor clone gets a new interface, not the source's.
         notes = [
@@ -291,14 +352,11 @@ def _clone_notes(wanted: RestoreMode | None, mode: RestoreMode, rules: Rules) ->
             "the cmdline is the one cocoon records for the clone's next cold boot: the resumed guest "
             "keeps the source VM's kernel command line, hostname and address until it reboots"
         ]
-    if wanted is None and mode is RestoreMode.COPY and rules.restore_modes:
+    if choice.note:
+        notes.append(choice.note)
+    if choice.mode is not RestoreMode.COPY:
         notes.append(
-            "cocoon's default restore mode mmap needs cocoonstack's Cloud Hypervisor (CopyOnWrite); "
-            "the node runs a stock build (cloudHypervisor: upstream), so the clone restores with copy"
-        )
-    if mode is not RestoreMode.COPY:
-        notes.append(
-            f"restoreMode {mode} sends memory_restore_mode, which Cloud Hypervisor v51's published "
+            f"restoreMode {choice.mode} sends memory_restore_mode, which Cloud Hypervisor v51's published "
             "API schema does not define: the node's Cloud Hypervisor must accept it"
         )
     return tuple(notes)

@@ -34,7 +34,7 @@ from cocoonplan.planner.model import (
 )
 from cocoonplan.planner.parts import Memo, Target
 from cocoonplan.planner.provisional import mark_host_chosen, mark_provisional, provisional_paths
-from cocoonplan.planner.rules import rules_for
+from cocoonplan.planner.rules import hypervisor_build, rules_for
 from cocoonplan.planner.run import plan_run, run_nic_count
 from cocoonplan.project import NodeConfig
 from cocoonplan.resolved import NodeView, PinnedRef, ResolvedVM
@@ -64,6 +64,7 @@ def compile_vm(item: PlanInput, identity: Identity, view: NodeView, memo: Memo |
         rules=rules,
         state=view.state,
         default_network=view.default_network,
+        cloud_hypervisor=hypervisor_build(view),
         memo=memo or Memo(),
     )
     if resolved.snapshot is not None:
@@ -198,6 +199,25 @@ def _started(desired: DesiredVM, running: ObservedVM, view: NodeView) -> Desired
     )
 
 
+def _network_unknown(desired: DesiredVM, running: ObservedVM) -> DesiredVM:
+    """``desired`` with a warning when its network cannot be compared with ``running``'s record.
+
+    A spec that omits ``network`` means the node's default; when that is not known (no
+    ``defaultNetwork``, no readable CNI conf dir) the planned network is empty and the record's
+    is not compared, so a record naming any network is no change. Unknown is never a reason to
+    change, but it is said.
+    """
+    if desired.network or not (desired.nics or running.settings.network):
+        return desired  # compared, or a VM without NICs and without a network to compare
+    recorded = f" (its record names {running.settings.network!r})" if running.settings.network else ""
+    warning = (
+        f"the network of VM {desired.name} on node {desired.node} is not compared{recorded}: the node's "
+        f"default network is not known; set defaultNetwork or cniConfDir for node {desired.node} "
+        "in cocoonplan.yaml"
+    )
+    return desired.model_copy(update={"warnings": (*desired.warnings, warning)})
+
+
 def plan_vm(item: PlanInput, view: NodeView, memo: Memo | None = None) -> VMPlan:
     """Compare a desired VM with the node: create, replace, start, stop, no-op or unknown.
 
@@ -223,7 +243,7 @@ def plan_vm(item: PlanInput, view: NodeView, memo: Memo | None = None) -> VMPlan
             reason="no VM of this name is on the node",
             fetch_bytes=_fetch_bytes(desired),
         )
-    kept = compile_vm(item, kept_identity(running, nic_count(item)), view, memo)
+    kept = _network_unknown(compile_vm(item, kept_identity(running, nic_count(item)), view, memo), running)
     node_launch = record_launch(running, view.settings, rules_for(view))
     changes = diff_vm(kept, running, node_launch)
     drift = drift_of(running, view)
@@ -235,7 +255,7 @@ def plan_vm(item: PlanInput, view: NodeView, memo: Memo | None = None) -> VMPlan
     }
     if changes:
         paths = replace_paths(changes)
-        desired = fresh_vm(item, view, memo)
+        desired = _network_unknown(fresh_vm(item, view, memo), running)
         # Which fields differ is decided with the identity held (a new ID is no difference of
         # its own); what they become is what the replacement will have.
         planned = {change.path: change for change in diff_vm(desired, running, node_launch)}
@@ -253,12 +273,17 @@ def plan_vm(item: PlanInput, view: NodeView, memo: Memo | None = None) -> VMPlan
                 for change in changes
             ),
             fetch_bytes=_fetch_bytes(desired),
+            observed=running,
             **observed,
         )
     action, why, reason = power_action(running.state, kept.state)
     if action is Action.START:
         kept = _started(kept, running, view)
-    return _decided(kept, action=action, action_reason=why, reason=reason, fetch_bytes=0, **observed)
+    # Only a VM apply acts on carries its record: apply names what changed in it since.
+    record = running if action in (Action.START, Action.STOP) else None
+    return _decided(
+        kept, action=action, action_reason=why, reason=reason, fetch_bytes=0, observed=record, **observed
+    )
 
 
 def _observed_source(vm: ObservedVM) -> tuple[PinnedRef | None, PinnedRef | None]:
@@ -326,6 +351,7 @@ def observed_plan(vm: ObservedVM, view: NodeView, action: Action, reason: str) -
         observed_id=vm.id,
         observed_state=vm.state,
         observed_fingerprint=vm.fingerprint(),
+        observed=vm if action is Action.DELETE else None,
         fetch_bytes=0,
     )
 
@@ -428,6 +454,27 @@ def refresh(nodes: Mapping[str, NodeView]) -> list[VMPlan]:
     ]
 
 
+def recovered_metadata(nodes: Mapping[str, NodeView]) -> list[Diagnostic]:
+    """One warning per metadata file of a node read from its ``.prev`` generation: cocoon reads
+    it the same way, so the plan stands, but the node's newest commit to it may be lost."""
+    return [
+        Diagnostic(
+            summary=f"node {name}: {line}; its last change may be lost",
+            hint="check the node's records with `cocoon vm list`; if the root was copied while cocoon "
+            "wrote it, copy it again",
+        )
+        for name, view in sorted(nodes.items())
+        for line in (view.state.recovered if view.state else ())
+    ]
+
+
+def vm_warnings(vms: Sequence[VMPlan]) -> list[Diagnostic]:
+    """The warnings of each VM's plan, attributed to it, in node and name order: the plan and
+    its digest do not depend on the order the specs were given in."""
+    ordered = sorted(vms, key=lambda vm: (vm.node, vm.name))
+    return [Diagnostic(summary=w, vm=vm.name, file=vm.spec_file) for vm in ordered for w in vm.warnings]
+
+
 def unknown_nodes(vms: Sequence[VMPlan], nodes: Mapping[str, NodeView]) -> list[Diagnostic]:
     """One warning per node whose state is not known but which specs target."""
     targeted = sorted({vm.node for vm in vms if nodes[vm.node].state is None})
@@ -467,7 +514,9 @@ def make_plan(
     vms: list[VMPlan] = []
     memo = Memo()
     diagnostics = list(errors)
-    notes = list(warnings)
+    # Node-wide contradictions fail the whole plan before any VM is planned on them.
+    builds = {name: hypervisor_build(view) for name, view in nodes.items()}
+    notes = list(warnings) + recovered_metadata(nodes)
     defined: dict[str, set[str]] = {name: set() for name in nodes}
     for node, name in claimed:
         # A spec elsewhere in the project may name a node the project does not declare (it
@@ -489,6 +538,7 @@ def make_plan(
     if refresh_only:
         vms = refresh(nodes)
     else:
+        notes += vm_warnings(vms)
         notes += unknown_nodes(vms, nodes)
         for view in nodes.values():
             deletes, foreign_warnings = unclaimed(view, defined[view.name], scope)
@@ -505,7 +555,7 @@ def make_plan(
             PlannedNode(
                 name=view.name,
                 cocoon=view.cocoon,
-                cloud_hypervisor=view.settings.cloud_hypervisor,
+                cloud_hypervisor=builds[view.name],
                 state_known=view.state is not None,
             )
             for view in sorted(nodes.values(), key=lambda view: view.name)

@@ -9,7 +9,7 @@ from which is decided afterwards, by :mod:`cocoonplan.planner.consequences`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from deepdiff import DeepDiff
@@ -27,6 +27,7 @@ from cocoonplan.planner.model import (
     ChangePath,
     ConfigOrigin,
     DesiredVM,
+    PathPart,
     PlannedDisk,
 )
 from cocoonplan.planner.parts import planned_disk
@@ -47,23 +48,21 @@ def _disk_view(disk: PlannedDisk) -> dict[str, Any]:
     return view
 
 
+def _op(before: Any, after: Any) -> ChangeOp:
+    return (
+        ChangeOp.ADD if before is notpresent else ChangeOp.REMOVE if after is notpresent else ChangeOp.UPDATE
+    )
+
+
+def _present(value: Any) -> Any:
+    return None if value is notpresent else value
+
+
 def _change(
     kind: ChangeKind, path: ChangePath, before: Any, after: Any, op: ChangeOp | None = None
 ) -> Change:
-    if op is None:
-        op = (
-            ChangeOp.ADD
-            if before is notpresent
-            else ChangeOp.REMOVE
-            if after is notpresent
-            else ChangeOp.UPDATE
-        )
     return Change(
-        kind=kind,
-        path=path,
-        op=op,
-        before=None if before is notpresent else before,
-        after=None if after is notpresent else after,
+        kind=kind, path=path, op=op or _op(before, after), before=_present(before), after=_present(after)
     )
 
 
@@ -132,27 +131,55 @@ def _by_serial(before: dict[str, Any], after: dict[str, Any]) -> tuple[dict[str,
     )
 
 
+def _leaves(before: Any, after: Any) -> Iterator[tuple[tuple[PathPart, ...], Any, Any]]:
+    """Every leaf where ``after`` differs from ``before``: its path, and its value on each side
+    (``notpresent`` on a side that lacks it), in no particular order."""
+    diff = DeepDiff(before, after, ignore_order=False, verbose_level=2)
+    for levels in diff.tree.values():
+        for level in levels:
+            yield tuple(level.path(output_format="list")), level.t1, level.t2
+
+
 def config_changes(before: dict[str, Any], after: dict[str, Any]) -> list[Change]:
     """config.json leaf by leaf (``["config", "disks", "cocoon-cow", "path"]``), in document
     order, disks in the plan's order."""
     old, new = _by_serial(before, after)
     keyed = [side["disks"] for side in (new, old) if isinstance(side.get("disks"), dict)]
     order = {serial: i for i, serial in enumerate(serial for disks in keyed for serial in disks)}
-    diff = DeepDiff(old, new, ignore_order=False, verbose_level=2)
     found: list[tuple[tuple[tuple[int, int | str], ...], Change]] = []
-    for levels in diff.tree.values():
-        for level in levels:
-            parts = tuple(level.path(output_format="list"))
-            key = tuple(
-                (0, order.get(p, 0))
-                if i == 1 and parts[0] == "disks"
-                else (0, p)
-                if isinstance(p, int)
-                else (1, str(p))
-                for i, p in enumerate(parts)
-            )
-            found.append((key, _change(ChangeKind.CONFIG, ("config", *parts), level.t1, level.t2)))
+    for parts, old_value, new_value in _leaves(old, new):
+        key = tuple(
+            (0, order.get(p, 0))
+            if i == 1 and parts[0] == "disks"
+            else (0, p)
+            if isinstance(p, int)
+            else (1, str(p))
+            for i, p in enumerate(parts)
+        )
+        found.append((key, _change(ChangeKind.CONFIG, ("config", *parts), old_value, new_value)))
     return [change for _, change in sorted(found, key=lambda item: item[0])]
+
+
+RecordDifference = tuple[ChangePath, ChangeOp, Any, Any]
+"""Where two readings of a VM record differ: (path, op, before, after); None on the side an
+``add`` or ``remove`` lacks."""
+
+
+def record_differences(before: ObservedVM, after: ObservedVM) -> list[RecordDifference]:
+    """A VM's record on the node against an earlier reading of it, leaf by leaf, in the
+    record's field order (``("settings", "cpu")``, ``("state",)``). Empty exactly when both
+    readings have one fingerprint: every field the fingerprint hashes is compared."""
+    fields = list(ObservedVM.model_fields)
+
+    def order(path: ChangePath) -> tuple[int, list[tuple[int, int | str]]]:
+        # Indices as numbers: disk 2 before disk 10.
+        return fields.index(str(path[0])), [(0, p) if isinstance(p, int) else (1, str(p)) for p in path[1:]]
+
+    found = [
+        (path, _op(old, new), _present(old), _present(new))
+        for path, old, new in _leaves(before.model_dump(mode="json"), after.model_dump(mode="json"))
+    ]
+    return sorted(found, key=lambda difference: order(difference[0]))
 
 
 def _token_changes(kind: ChangeKind, differences: Sequence[tuple[ChangePath, str, Any, Any]]) -> list[Change]:
@@ -212,7 +239,10 @@ def diff_vm(
     differences are shown, as consequences of the others, but are never a cause of their own.
     """
     changes = _field_changes(desired, vm) + disk_changes(desired, vm) + blob_changes(desired, vm)
-    if desired.config_origin is ConfigOrigin.WRITTEN:
+    # After `cocoon vm restore` the run dir's config.json is the one CH wrote when the VM itself
+    # was snapshotted (its own NICs, CH's device IDs), not the artifact cocoon patched at clone:
+    # it is no evidence of a difference, and the record still is.
+    if desired.config_origin is ConfigOrigin.WRITTEN and not vm.restored:
         if vm.runtime_config is not None:
             # The node's copy is read as the VmConfig keys, credentials redacted: compare the
             # plan's the same way, or a key outside them would look changed on every plan.

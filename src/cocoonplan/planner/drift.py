@@ -123,9 +123,11 @@ def applied_drift(vm: ObservedVM) -> list[Drift]:
     if owner is None:
         return []
     recorded = vm.boot_config.cmdline if vm.boot_config else None
-    # A file cocoonplan did not record, or (config.json) that the node lacks, says nothing.
+    # A file cocoonplan did not record, or (config.json) that the node lacks, says nothing;
+    # nor does the config.json of a snapshot of the VM itself, which `vm restore` puts there.
+    has_config = vm.runtime_config_sha256 is not None and not vm.restored
     checks = [
-        ("config.json", owner.config_sha256, vm.runtime_config_sha256, vm.runtime_config_sha256 is not None),
+        ("config.json", owner.config_sha256, vm.runtime_config_sha256, has_config),
         ("cmdline", owner.cmdline, recorded, True),
     ]
     return [

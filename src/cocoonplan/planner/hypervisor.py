@@ -84,10 +84,13 @@ def build_cmdline(layer_count: int, vm_name: str, nics: Sequence[NicIdentity], d
     return " ".join(parts)
 
 
-def is_direct(disk: StorageConfig, no_direct_io: bool) -> bool:
-    """cocoon's O_DIRECT rule: the disk's override, else writable disks unless noDirectIO."""
+def is_direct(disk: StorageConfig, no_direct_io: bool, rules: Rules) -> bool:
+    """cocoon's O_DIRECT rule: the disk's override, else writable disks unless noDirectIO; on
+    lines whose ``qcow2_direct_io`` is off, never a writable qcow2 overlay (``effectiveDirectIO``)."""
     if disk.direct_io is not None:
         return disk.direct_io
+    if not rules.qcow2_direct_io and not disk.ro and _is_qcow2(disk.path):
+        return False
     return not disk.ro and not no_direct_io
 
 
@@ -104,7 +107,7 @@ def disk_argument(disk: StorageConfig, tuning: Tuning) -> str:
     parts = [f"path={disk.path}"]
     if disk.ro:
         parts.append("readonly=on")
-    if is_direct(disk, tuning.no_direct_io):
+    if is_direct(disk, tuning.no_direct_io, tuning.rules):
         parts.append("direct=on")
     qcow2 = _is_qcow2(disk.path)
     if not disk.ro and not qcow2:
@@ -249,7 +252,7 @@ def _disk_config(index: int, disk: StorageConfig, tuning: Tuning) -> dict[str, A
     qcow2 = _is_qcow2(disk.path)
     return {
         "backing_files": not disk.ro and qcow2,
-        "direct": is_direct(disk, tuning.no_direct_io),
+        "direct": is_direct(disk, tuning.no_direct_io, tuning.rules),
         "disable_aio": False,
         "disable_io_uring": False,
         "id": f"_disk{index}",
@@ -406,7 +409,7 @@ def patch_clone_config(
         entry = dict(entry)
         entry["path"] = disk.path
         entry["queue_size"] = tuning.disk_queue_size
-        entry["direct"] = is_direct(disk, tuning.no_direct_io)
+        entry["direct"] = is_direct(disk, tuning.no_direct_io, tuning.rules)
         patched_disks.append(_sorted(entry))
     config["disks"] = patched_disks
     uefi = bool((config.get("payload") or {}).get("firmware"))

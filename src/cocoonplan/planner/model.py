@@ -15,7 +15,7 @@ from pydantic import AliasChoices, Field
 from cocoonplan.cocoon import DiskRole
 from cocoonplan.errors import CocoonplanError
 from cocoonplan.model import Digest, Mode, Model
-from cocoonplan.observed import NicAddress
+from cocoonplan.observed import NicAddress, ObservedVM
 from cocoonplan.project import HypervisorBuild
 from cocoonplan.releases import CocoonVersion
 from cocoonplan.resolved import EntryKind, PinnedRef
@@ -291,6 +291,9 @@ class DesiredVM(Model):
     paths and everything derived from them): shown as cocoonplan expects them, bound after apply."""
     notes: tuple[str, ...] = ()
     """What a reviewer must know about this VM's plan. For display only."""
+    warnings: tuple[str, ...] = Field(default=(), exclude=True)
+    """Where cocoon will not do what the spec asks (and warns when it runs). Not part of the
+    VM's entry: ``make_plan`` lifts them into the plan's ``warnings``, attributed to the VM."""
     files: tuple[FileCheck, ...] = Field(default=(), exclude_if=lambda checks: not checks)
     """``expect.files`` and ``expect.absent`` checked against the planned layers, in spec order;
     left out of the document for a VM that expects none, so its plan and digest stay as they were."""
@@ -423,6 +426,10 @@ class VMPlan(DesiredVM):
     """The state cocoon records for the VM on the node (``running``, ``stopped``, …); None when absent or unknown."""
     observed_fingerprint: Digest | None = None
     """sha256 of the VM's observed state this plan was made from; None for a VM not on the node."""
+    observed: ObservedVM | None = Field(default=None, exclude_if=lambda record: record is None)
+    """The node's record of a VM this plan changes (starts, stops, replaces, deletes), as the
+    plan read it (``observed_fingerprint`` is its hash), so that apply can name what changed on
+    the node since; left out of the document for every other VM, so its plan stays as it was."""
     fetch_bytes: int
     """Bytes to download: the sum of the sizes of blobs not present (0 unless created or replaced)."""
 

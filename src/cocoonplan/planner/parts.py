@@ -13,7 +13,7 @@ from cocoonplan.planner.hypervisor import Tuning, net_queues
 from cocoonplan.planner.identity import NicIdentity
 from cocoonplan.planner.model import BlobKind, PlannedBlob, PlannedDisk, PlannedNic
 from cocoonplan.planner.rules import Rules
-from cocoonplan.project import NodeConfig
+from cocoonplan.project import HypervisorBuild, NodeConfig
 from cocoonplan.resolved import BlobRef
 
 
@@ -40,6 +40,8 @@ class Target:
     state: NodeState | None
     """None when the node's state is not known: nothing is present, nothing is missing."""
     default_network: str | None
+    cloud_hypervisor: HypervisorBuild = HypervisorBuild.UPSTREAM
+    """The node's Cloud Hypervisor build as ``rules.hypervisor_build`` decides it."""
     memo: Memo = field(default_factory=Memo, compare=False)
 
 

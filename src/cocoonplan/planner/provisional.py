@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from cocoonplan.planner.model import DesiredVM
+from cocoonplan.planner.model import ConfigOrigin, DesiredVM
 from cocoonplan.planner.rules import Rules
 
 ADDRESS_NOTE = (
@@ -51,7 +51,9 @@ def provisional_paths(one: DesiredVM, other: DesiredVM) -> tuple[str, ...]:
     differ between two compilations of one VM under two identities, sorted (indices as numbers).
 
     A VM with NICs also gets its addresses and its kernel cmdline: CNI leases them at create
-    time and cocoon writes them into the cmdline, which no second identity reveals.
+    time and cocoon writes them into the cmdline, which no second identity reveals. So do the
+    copies of that cmdline: the launch's ``--cmdline`` value, and the derived VmConfig's
+    ``payload.cmdline`` (a clone's ``config.json`` keeps its source's, which cocoon does not touch).
     """
     # Only the fields that differ are dumped: most of a VM (its blobs, most of its disks and
     # config) is the same under both identities, and dumping it is most of the cost.
@@ -65,8 +67,20 @@ def provisional_paths(one: DesiredVM, other: DesiredVM) -> tuple[str, ...]:
     for nic in one.interfaces:
         paths.add(f"interfaces[{nic.index}].address")
     if one.interfaces:
-        paths.add("cmdline")
+        paths.update(_cmdline_paths(one))
     return tuple(sorted(paths, key=_order))
+
+
+def _cmdline_paths(vm: DesiredVM) -> Iterator[str]:
+    """``cmdline`` and every copy of it cocoon derives: the launch's ``--cmdline`` value and,
+    where the VmConfig is derived from the launch (run mode), its ``payload.cmdline``."""
+    yield "cmdline"
+    for index, arg in enumerate(vm.launch[:-1]):
+        if arg == "--cmdline":
+            yield f"launch[{index + 1}]"
+    payload = vm.config.get("payload")
+    if vm.config_origin is ConfigOrigin.DERIVED and isinstance(payload, dict) and "cmdline" in payload:
+        yield "config.payload.cmdline"
 
 
 def mark_provisional(one: DesiredVM, paths: tuple[str, ...]) -> DesiredVM:

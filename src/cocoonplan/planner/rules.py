@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cocoonplan.errors import StateError
+from cocoonplan.project import HypervisorBuild
 from cocoonplan.releases import CocoonLine
 from cocoonplan.resolved import NodeView
 
@@ -37,6 +39,10 @@ class Rules:
     queue_affinity_planned: bool
     """Writable disks get ``queue_affinity`` queue i → CPU i (v0.3.8); later it is picked from
     live host load at every launch (PR #235), so a plan cannot know it."""
+    qcow2_direct_io: bool
+    """A writable qcow2 overlay (a cloud image's COW disk) gets O_DIRECT like any writable disk
+    (v0.3.8 §5.7); later ``effectiveDirectIO`` leaves it off unless the disk's own override
+    says otherwise, since CH applies O_DIRECT to the shared backing file too (§2.6, args.go)."""
 
 
 # Oldest line first: a VM may still run as an earlier line launched it.
@@ -51,6 +57,7 @@ RULES = {
         vsock=False,
         hugepages_from_host=True,
         queue_affinity_planned=True,
+        qcow2_direct_io=True,
     ),
     CocoonLine.V0_6: Rules(
         line=CocoonLine.V0_6,
@@ -62,6 +69,7 @@ RULES = {
         vsock=True,
         hugepages_from_host=False,
         queue_affinity_planned=False,
+        qcow2_direct_io=False,
     ),
 }
 
@@ -70,3 +78,21 @@ def rules_for(view: NodeView) -> Rules:
     """The rules of the node's cocoon line; a node whose release is not known (its state is not
     known either, so its VMs are only shown) is shown as v0.3.8 would run them."""
     return RULES[view.cocoon.line if view.cocoon else CocoonLine.V0_3]
+
+
+def hypervisor_build(view: NodeView) -> HypervisorBuild:
+    """The node's Cloud Hypervisor build: its ``cloudHypervisor`` setting, else what its exported
+    state records (``state export --cloud-hypervisor``), else ``upstream``: assuming a stock
+    build costs only the mmap fast path, assuming the fork wrongly fails clones on the node.
+
+    A setting and a state that name different builds is a StateError: one of them is stale.
+    """
+    setting = view.settings.cloud_hypervisor
+    recorded = view.state.cloud_hypervisor if view.state else None
+    if setting is not None and recorded is not None and setting is not recorded:
+        raise StateError(
+            f"node {view.name}: cloudHypervisor says {setting}, and its exported state says {recorded}",
+            hint=f"set cloudHypervisor for {view.name} to the build the node runs, or export its state "
+            f"again with --cloud-hypervisor {setting}",
+        )
+    return setting or recorded or HypervisorBuild.UPSTREAM

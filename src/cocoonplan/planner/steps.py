@@ -37,9 +37,11 @@ class StepKind(StrEnum):
     START_VM = "start-vm"
     STOP_VM = "stop-vm"
     RECORD_OWNERSHIP = "record-ownership"
-    """Record in ``cocoonplan/owned.json`` which VMs cocoonplan made, and the plan's digest."""
+    """Record in ``cocoonplan/owned.json`` which VMs cocoonplan made (each is also recorded the
+    moment cocoon made it), settling what an interrupted apply left half recorded."""
     PROVE = "prove"
-    """Read the node back, bind what cocoon chose, re-plan: it must be a no-op."""
+    """Read the node back, bind what cocoon chose, re-plan: it must be a no-op; only then is
+    the plan's digest recorded as applied and the node's staged blobs removed."""
 
 
 CONTENT_STEPS = frozenset({StepKind.FETCH_BLOB, StepKind.CONVERT_LAYER, StepKind.RECORD_IMAGE})

@@ -44,6 +44,7 @@ from cocoonplan.nodefs import Cap, Listing, Tree, describe
 from cocoonplan.observed import (
     OWNERSHIP_FILE,
     STATE_FORMAT_VERSION,
+    Building,
     NicAddress,
     NodeState,
     ObservedImage,
@@ -178,8 +179,11 @@ class _Root:
 # --------------------------------------------------------------------------- VMs
 
 
-def _nic(value: Any, where: str) -> dict[str, Any]:
-    """A NetworkConfig's known keys; ``network`` becomes an address only when it has an IP."""
+def _nic(value: Any, where: str, label: str, index: int) -> dict[str, Any]:
+    """A NetworkConfig's known keys; ``network`` becomes an address only when it has an IP.
+
+    Checked here, one line naming the record and field: TAP, MAC and address all reach the
+    launch line or the guest's kernel cmdline (:class:`ObservedNic`, :class:`NicAddress`)."""
     config = _object(value, where, "a network_configs entry")
     nic = {k: v for k, v in config.items() if k in ObservedNic.model_fields and k != "network"}
     network = config.get("network")
@@ -188,6 +192,13 @@ def _nic(value: Any, where: str) -> dict[str, Any]:
     # cocoon omits empty fields: a DHCP or bridge NIC has no network, or one without an IP.
     if network and network.get("ip"):
         nic["network"] = {k: v for k, v in network.items() if k in NicAddress.model_fields}
+    try:
+        ObservedNic.model_validate(nic)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = ".".join(str(part) for part in error["loc"])
+        problem = str(error["msg"]).removeprefix("Value error, ")
+        _fail(where, f"{label}: network_configs[{index}].{field}: {problem}", _REPAIR)
     return nic
 
 
@@ -219,7 +230,7 @@ def _record_vm(root: _Root, db: str, hypervisor: str, backend: str, vm_id: str, 
         "settings": {k: v for k, v in config.items() if k in VMSettings.model_fields},
         "storage_configs": record.get("storage_configs") or (),
         "boot_config": record.get("boot_config"),
-        "nics": [_nic(n, db) for n in networks],
+        "nics": [_nic(n, db, label, i) for i, n in enumerate(networks)],
         "image_blob_ids": _id_set(record.get("image_blob_ids"), f"{db}: {label}"),
         "snapshot_ids": _id_set(record.get("snapshot_ids"), f"{db}: {label}", "snapshot_ids"),
         "run_dir": run_dir,
@@ -307,11 +318,15 @@ class _OwnershipFile(Model):
     format_version: int
     vms: dict[str, Owner] = Field(default_factory=dict)
     applied_plan: Digest | None = None
-    """The digest of the last plan apply carried out on the node."""
+    """The digest of the last plan whose apply was proven on the node."""
+    building: dict[str, Building] = Field(default_factory=dict)
+    """VM name -> what an apply that has not finished was removing or creating under it."""
 
 
-def _owners(root: _Root) -> dict[str, Owner]:
-    """cocoonplan's ownership entries by VM ID."""
+def _owners(root: _Root, vms: Iterable[ObservedVM]) -> dict[str, Owner]:
+    """cocoonplan's ownership entries by VM ID: those recorded by ID, and for a VM whose ID was
+    never recorded, what an interrupted apply was building under its name (cocoon made the
+    VM, then apply was killed before it could record the ID cocoon printed)."""
     hint = "restore cocoonplan/owned.json from the node or a backup; cocoonplan writes it on apply"
     document = root.json(OWNERSHIP_FILE, Cap.OWNERSHIP, hint)
     if document is None:
@@ -323,7 +338,13 @@ def _owners(root: _Root) -> dict[str, Owner]:
             f"format_version {version!r} is not supported (this cocoonplan reads {OWNERSHIP_FORMAT_VERSION})",
             "use the cocoonplan version that applied to this node",
         )
-    return root.validate(_OwnershipFile, document, OWNERSHIP_FILE, "the ownership file", hint).vms
+    ownership = root.validate(_OwnershipFile, document, OWNERSHIP_FILE, "the ownership file", hint)
+    owners = dict(ownership.vms)
+    for vm in vms:
+        building = ownership.building.get(vm.name)
+        if vm.id not in owners and building is not None and building.id in (None, vm.id):
+            owners[vm.id] = building.owner
+    return owners
 
 
 def _owned(vm: ObservedVM, owners: Mapping[str, Owner]) -> ObservedVM:
@@ -463,12 +484,13 @@ def read_node_root(local: Path, root_dir: str = DEFAULT_ROOT_DIR, run_dir: str |
         vms = [vm for backend, hypervisor in BACKENDS for vm in _read_vms(root, meta, backend, hypervisor)]
         # Each backend keeps its own names index, yet `cocoon vm` resolves a name across both.
         _check_unique(vms, " and ".join(meta.sources[VM_NAMESPACES[h].name] for _, h in BACKENDS))
-        owners = _owners(root)
+        owners = _owners(root, vms)
         return NodeState(
             root_dir=root_dir,
             run_dir=run_dir,
             metadata_engine=meta.engine,
             later_layout=meta.engine is MetadataEngine.JSON and _written_after_v0_3_8(tree),
+            recovered=meta.recovered,
             vms=tuple(sorted((_owned(vm, owners) for vm in vms), key=lambda vm: vm.name)),
             images=tuple(_read_images(root, meta)),
             snapshots=tuple(_read_snapshots(root, meta)),
@@ -482,6 +504,20 @@ def _written_after_v0_3_8(tree: Tree) -> bool:
     later commit rotates out, or per-VM locks under ``locks/vm`` (v0.3.8 has neither)."""
     later = [f"{namespace.file}.prev" for namespace in NAMESPACES] + ["locks/vm"]
     return any(tree.mode(rel) is not None for rel in later)
+
+
+def _first_problem(document: dict[str, Any], exc: ValidationError) -> str:
+    """The first of ``exc``'s errors on one line, naming the VM record it is in by ID and name."""
+    error = exc.errors()[0]
+    loc = list(error["loc"])
+    problem = str(error["msg"]).removeprefix("Value error, ")
+    vms = document.get("vms")
+    if len(loc) > 2 and loc[0] == "vms" and isinstance(loc[1], int) and isinstance(vms, list):
+        vm = vms[loc[1]]
+        if isinstance(vm, dict):
+            label = f"VM {vm.get('id')} ({vm.get('name')}): "
+            return label + f"{'.'.join(str(part) for part in loc[2:])}: {problem}"
+    return f"{'.'.join(str(part) for part in loc) or '(document)'}: {problem}"
 
 
 def load_state_document(path: Path) -> NodeState:
@@ -509,7 +545,8 @@ def load_state_document(path: Path) -> NodeState:
     try:
         state = NodeState.model_validate(document)
     except ValidationError as exc:
-        _fail(where, "not a valid state document", hint, _validation_detail(exc))
+        detail = _validation_detail(exc) if exc.error_count() > 1 else ""
+        _fail(where, f"not a valid state document: {_first_problem(document, exc)}", hint, detail)
     _check_unique(state.vms, where)
     return state.model_copy(
         update={

@@ -4,6 +4,10 @@ In order: the project's ``cocoonVersion``, then what ``cocoon version`` printed 
 when its state was exported, then the layout of its root: SQLite metadata (``meta/meta.db``)
 is the v0.6 line's; JSON metadata is v0.3.8's, unless a later release left its marks in it
 (``.prev`` generations, per-VM locks), when only the node can say which release it runs.
+
+A version that is given is still checked against the layout: v0.3.8 has no SQLite engine, so
+a v0.3 version over a SQLite root is refused, whichever source gave it. A JSON root under a
+v0.6 version is a legacy root, which that line reads as it is.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from cocoonplan.releases import (
     line_of,
     parse_version_output,
 )
+from cocoonplan.resolvers.metastore import META_DB
 
 DETECTED_JSON = "v0.3.8"
 DETECTED_SQLITE = "v0.6.x"
@@ -35,7 +40,8 @@ def node_release(name: str, settings: NodeConfig, state: NodeState | None) -> Co
     """
     if settings.cocoon_version is not None:
         version = settings.cocoon_version
-        return CocoonVersion(version=version, line=line_of(version), source=VersionSource.SETTING)
+        given = CocoonVersion(version=version, line=line_of(version), source=VersionSource.SETTING)
+        return _check_layout(name, given, state)
     if state is None:
         return None
     if state.cocoon_version is not None:
@@ -47,7 +53,8 @@ def node_release(name: str, settings: NodeConfig, state: NodeState | None) -> Co
                 hint=f"cocoonplan plans for {SUPPORTED}; upgrade the node, or plan it with the "
                 "cocoonplan release that supports its cocoon",
             ) from exc
-        return CocoonVersion(version=state.cocoon_version, line=line, source=VersionSource.EXPORTED)
+        exported = CocoonVersion(version=state.cocoon_version, line=line, source=VersionSource.EXPORTED)
+        return _check_layout(name, exported, state)
     hint = f"set cocoonVersion for {name} in cocoonplan.yaml, or export its state with `--cocoon`"
     if state.metadata_engine is MetadataEngine.SQLITE:
         return CocoonVersion(version=DETECTED_SQLITE, line=CocoonLine.V0_6, source=VersionSource.DETECTED)
@@ -60,6 +67,37 @@ def node_release(name: str, settings: NodeConfig, state: NodeState | None) -> Co
             hint=hint,
         )
     return CocoonVersion(version=DETECTED_JSON, line=CocoonLine.V0_3, source=VersionSource.DETECTED)
+
+
+def layout_contradiction(line: CocoonLine, state: NodeState | None) -> str | None:
+    """What in the root's layout a release of ``line`` cannot have written; None when nothing.
+
+    Only SQLite metadata is evidence against a version: v0.3.8 has no SQLite engine, and a
+    v0.3 cocoon over such a root would see none of its VMs. A JSON root is v0.3.8's or a later
+    release's legacy root, so it contradicts neither line.
+    """
+    if line is CocoonLine.V0_3 and state is not None and state.metadata_engine is MetadataEngine.SQLITE:
+        return f"its root keeps its metadata in SQLite ({META_DB}), which no v0.3 release has"
+    return None
+
+
+def _check_layout(name: str, release: CocoonVersion, state: NodeState | None) -> CocoonVersion:
+    evidence = layout_contradiction(release.line, state)
+    if evidence is None:
+        return release
+    if release.source is VersionSource.SETTING:
+        said = f"cocoonVersion says {release.version}"
+        hint = (
+            f"set cocoonVersion for {name} to what `cocoon version` prints on the node (a SQLite "
+            "root is the v0.6 line's), or point its state at the node's own root"
+        )
+    else:
+        said = f"its exported state says cocoon {release.version}"
+        hint = (
+            "export the state again with the node's own cocoon (`cocoonplan state export --cocoon "
+            f"BINARY`), or set cocoonVersion for {name} in cocoonplan.yaml"
+        )
+    raise StateError(f"node {name}: {said}, but {evidence}", hint=hint)
 
 
 VERSION_TIMEOUT = 10.0

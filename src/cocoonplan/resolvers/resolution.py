@@ -99,7 +99,7 @@ def resolve(
     expected = [spec.spec.spec.expect for spec in specs if spec.spec.spec.expect]
     scanner = LayerScanner(
         content,
-        context.resolve(context.project.cache),
+        context.cache_directory(),
         keep=any(e.files or e.absent for e in expected),
         hash_files=any(f.sha256 for e in expected for f in e.files),
     )
