@@ -1,14 +1,15 @@
 """Which project ``apply``, ``import`` and ``force-unlock`` act in when started outside it.
 
-A saved plan names no project directory (it says what it plans, not where it was made or
-written: a path relative to either would make two plans of the same content differ, and break
-once the file is moved). So ``apply PLANFILE`` uses the working directory's project, else the
-plan file's; ``apply PATH…`` the project it planned; ``import`` the spec's. With none found each
-says where it looked, never that the node "is not declared" in a project that is not there.
+``plan --out FILE`` records the project directory relative to FILE (``Plan.project``, omitted
+when FILE lies in it), so ``apply FILE`` finds the project from any directory as long as the
+file stays where it was written; a moved file falls back on the working directory's project.
+``apply PATH…`` uses the project it planned; ``import`` the spec's. With none found each says
+where it looked, never that the node "is not declared" in a project that is not there.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -30,23 +31,29 @@ def _plan(parent: Path, out: str) -> None:
     assert planned.exit_code == 0, planned.stdout + planned.stderr
 
 
-def test_a_plan_written_outside_its_project_is_refused_saying_where_apply_looked(parent: Path) -> None:
+@pytest.mark.usefixtures("erofs_as_root")
+def test_a_plan_written_outside_its_project_names_it_and_applies_from_there(parent: Path) -> None:
     _plan(parent, "p.json")
-    before = sorted(p.relative_to(parent) for p in (parent / "ex/node").rglob("*"))
-    result = run_cli(["apply", "p.json", "--content-only"], parent)
-    assert result.exit_code == 1
-    lines = result.stderr.splitlines()
-    assert lines[0] == NO_PROJECT.format(parent), result.stderr
-    assert "--chdir DIR" in lines[1] and "not declared" not in result.stderr
-    assert sorted(p.relative_to(parent) for p in (parent / "ex/node").rglob("*")) == before
-    # Both places are named when the plan file lies elsewhere.
+    document = json.loads((parent / "p.json").read_text())
+    assert document["project"] == "ex"
+    applied = run_cli(["apply", "p.json", "--content-only"], parent)
+    assert applied.exit_code == 0, applied.stdout + applied.stderr
+    # Written inside its project, the plan names none: the same document as `plan --json`.
+    _plan(parent, "ex/q.json")
+    assert "project" not in json.loads((parent / "ex/q.json").read_text())
+
+
+def test_a_plan_moved_away_from_its_project_is_refused_saying_where_apply_looked(parent: Path) -> None:
+    _plan(parent, "p.json")
     (parent / "plans").mkdir()
     (parent / "p.json").rename(parent / "plans/p.json")
-    elsewhere = run_cli(["apply", "plans/p.json", "--content-only"], parent)
-    assert elsewhere.exit_code == 1
-    assert (
-        elsewhere.stderr.splitlines()[0] == f"{NO_PROJECT.format(parent)}, nor in {parent / 'plans'} or above"
-    )
+    before = sorted(p.relative_to(parent) for p in (parent / "ex/node").rglob("*"))
+    result = run_cli(["apply", "plans/p.json", "--content-only"], parent)
+    assert result.exit_code == 1
+    lines = result.stderr.splitlines()
+    assert lines[0] == f"{NO_PROJECT.format(parent / 'plans')}, nor in {parent} or above", result.stderr
+    assert "--chdir DIR" in lines[1] and "not declared" not in result.stderr
+    assert sorted(p.relative_to(parent) for p in (parent / "ex/node").rglob("*")) == before
 
 
 @pytest.mark.usefixtures("erofs_as_root")

@@ -135,8 +135,8 @@ def test_done_when_both_example_nodes_are_applied_and_proven(tmp_path: Path) -> 
     project = _done_when(tmp_path)
     planned = run_cli(["plan", "examples/", "--out", "p.json"], tmp_path)
     assert planned.exit_code == 0, planned.stderr
-    # A saved plan does not name its project: apply runs in it (--chdir), the plan beside it.
-    applied = run_cli(["--chdir", "examples", "apply", "../p.json", "--auto-approve"], tmp_path)
+    # As the issue runs it, from the directory holding examples/: the plan file names its project.
+    applied = run_cli(["apply", "p.json", "--auto-approve"], tmp_path)
     assert applied.exit_code == 0, applied.stdout + applied.stderr
     for made in ("node-a/agent-clone", "node-a/agent-run", "node-b/agent-clone"):
         assert f"{made}: created as " in applied.stdout
@@ -162,7 +162,7 @@ def test_done_when_a_corrupted_example_blob_installs_nothing(tmp_path: Path) -> 
     shutil.rmtree(project / ".cocoonplan")  # planning cached verified copies of the run image's layers
     roots = (tmp_path / "node-a-root", project / "node-b")
     before = [tree(root) for root in roots]
-    result = run_cli(["--chdir", "examples", "apply", "../p.json", "--content-only"], tmp_path)
+    result = run_cli(["apply", "p.json", "--content-only"], tmp_path)
     assert result.exit_code == 1 and layer in result.stderr
     after = [{k: v for k, v in tree(root).items() if not k.startswith("cocoonplan/")} for root in roots]
     assert after == [{k: v for k, v in t.items() if not k.startswith("cocoonplan/")} for t in before]

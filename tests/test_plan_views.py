@@ -107,7 +107,7 @@ def test_colour_on_a_terminal_only(examples: Path) -> None:
 
 
 def test_every_render_is_built_from_the_saved_json_alone(examples: Path, tmp_path: Path) -> None:
-    saved = tmp_path / "plan.json"
+    saved = examples / "plan.json"  # in its project: the file names no project directory
     assert run_cli(["plan", ".", "--out", str(saved)], examples).exit_code == 0
     document = json.loads(saved.read_text())
     assert document == json.loads(run_cli(["plan", ".", "--json"], examples).stdout)

@@ -355,10 +355,10 @@ def apply(
     """Carry out ``saved`` (a plan read by :func:`cocoonplan.planfile.read_plan`, its digest
     checked) on its nodes: steps → lease → freshness → execute → prove, node by node.
 
-    The plan records no path to its project (its content says what it plans, not where it was
-    made or written), so the project is the first found at or above one of ``project``
-    (paths relative to the working directory, tried in order; default: the working directory);
-    none found raises, naming where it looked.
+    The project is the first found at or above one of ``project`` (paths relative to the
+    working directory, tried in order; default: the working directory): the CLI passes the
+    directory the plan file names (``Plan.project``, relative to the file), then the working
+    directory. None found raises, naming where it looked.
 
     ``content_only`` runs the content steps alone (no cocoon binary needed). Raises before
     changing anything when the plan cannot be carried out or is stale.

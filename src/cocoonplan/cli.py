@@ -316,7 +316,8 @@ def plan(
 ) -> None:
     """Resolve specs and show what would change on the nodes, Terraform style."""
     from cocoonplan import api
-    from cocoonplan.planfile import write_plan
+    from cocoonplan.context import find_project
+    from cocoonplan.planfile import located, write_plan
 
     _check_output_directory(markdown_dir)
     try:
@@ -329,6 +330,10 @@ def plan(
             states=state or [],
             assume_empty=assume_empty_node or [],
         )
+        if out is not None:
+            # The file says where its project is, so `apply FILE` works from any directory.
+            project = find_project(paths or [Path()], _environment().cwd).directory
+            result = located(result, project, _here(out))
     except CocoonplanError as exc:
         raise _fail(exc) from exc
     try:
@@ -530,7 +535,7 @@ def apply(
     """Carry out exactly a saved plan (or one made now, once approved), then prove the result."""
     from cocoonplan import api
     from cocoonplan.executors.blobs import progress_reporter
-    from cocoonplan.planfile import read_plan
+    from cocoonplan.planfile import project_of, read_plan
     from cocoonplan.render.escape import plain
 
     environment = _environment()
@@ -538,8 +543,8 @@ def apply(
     try:
         if len(paths) == 1 and _here(paths[0]).is_file() and paths[0].suffix not in (".yaml", ".yml"):
             chosen = read_plan(_here(paths[0]))
-            # The plan names no project directory: the working directory's, else the plan file's.
-            project = [Path(), paths[0]]
+            # The project the plan file names, else the working directory's.
+            project = [project_of(chosen, _here(paths[0])), Path()]
         else:
             chosen = api.plan(paths, environment, roots=root or [])
             project = paths[:1]  # the project plan found (all paths share it)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -14,6 +15,22 @@ from cocoonplan.render.document import json_chunks
 
 MAX_PLAN_BYTES = 64 << 20
 """Largest plan file read: about 25 KiB a VM, so room for thousands of VMs."""
+
+
+def located(plan: Plan, project: Path, path: Path) -> Plan:
+    """``plan`` to be written to ``path``, naming its project directory ``project`` relative
+    to the file (its digest recomputed); unchanged when the file lies in that directory."""
+    where = os.path.relpath(project.resolve(), path.resolve().parent)
+    if where == ".":
+        return plan
+    placed = plan.model_copy(update={"project": Path(where).as_posix()})
+    return placed.model_copy(update={"digest": placed.content_digest()})
+
+
+def project_of(plan: Plan, path: Path) -> Path:
+    """The project directory a plan read from ``path`` names (the file's own directory when
+    it names none)."""
+    return path.parent / (plan.project or ".")
 
 
 def write_plan(plan: Plan, path: Path) -> None:

@@ -511,6 +511,10 @@ class Plan(Model):
     errors: tuple[Diagnostic, ...] = ()
     warnings: tuple[Diagnostic, ...] = ()
     summary: Summary
+    project: str | None = Field(default=None, pattern=r"^[^/]", exclude_if=lambda path: path is None)
+    """Where the plan's project directory is, relative to the directory of the file
+    ``plan --out`` wrote, so that ``apply FILE`` finds it from anywhere; absent when it is that
+    directory (and in plans never written to a file). Relative: plans carry no absolute path."""
     digest: Digest | None = None
     """sha256 of this document's canonical JSON without this field: the plan's identity."""
 
