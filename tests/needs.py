@@ -1,6 +1,6 @@
 """What a test needs from the machine. On a developer's machine a missing piece skips the test
 and says what to install; under CI (``CI`` set), which provides everything through
-scripts/test (root, Debian's tools, a kernel, shared/ beside the clone), it fails the test,
+scripts/test (root, Debian's tools, a kernel) and sets it, it fails the test,
 so nothing is ever skipped silently where it must run."""
 
 from __future__ import annotations
